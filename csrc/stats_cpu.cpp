@@ -1,0 +1,219 @@
+// CPU backend: one pass per element, chunks spread over threads, partial results
+// combined in chunk order so the float64 sums do not depend on the thread count.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+#include "stats.h"
+
+namespace torchvitals {
+namespace {
+
+struct ChunkResult {
+  double sum = 0.0;
+  double sumsq = 0.0;
+  double max_abs = 0.0;
+  int64_t nan = 0;
+  int64_t inf = 0;
+  int64_t saturated = 0;
+  int64_t hist[kHistBins] = {};
+};
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Loads element i widened to float (fp64 stays double) together with its histogram bin.
+template <typename T>
+struct Loader;
+
+template <>
+struct Loader<float> {
+  using Acc = float;
+  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  static int bin(float v) { return hist_bin_f32(f32_bits(v)); }
+};
+
+template <>
+struct Loader<double> {
+  using Acc = double;
+  static double load(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
+  static int bin(double v) { return hist_bin_f64(f64_bits(v)); }
+};
+
+struct Half {};
+struct BFloat16 {};
+
+template <>
+struct Loader<Half> {
+  using Acc = float;
+  static float load(const void* p, int64_t i) {
+    return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+  static int bin(float v) { return hist_bin_f32(f32_bits(v)); }
+};
+
+template <>
+struct Loader<BFloat16> {
+  using Acc = float;
+  static float load(const void* p, int64_t i) {
+    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+  static int bin(float v) { return hist_bin_f32(f32_bits(v)); }
+};
+
+// Elements are summed in float64 in short blocks: long enough for the compiler to
+// vectorise, short enough that the rare NaN/Inf branch stays off the common path.
+template <typename T>
+void reduce_chunk(const void* data, int64_t begin, int64_t end, double threshold,
+                  ChunkResult& r) {
+  using L = Loader<T>;
+  double sum = 0.0, sumsq = 0.0, max_abs = 0.0;
+  int64_t saturated = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const auto v = L::load(data, i);
+    const double a = std::fabs(static_cast<double>(v));
+    ++r.hist[L::bin(v)];
+    saturated += a >= threshold;  // false for NaN values and for a NaN threshold
+    if (std::isfinite(v)) {
+      sum += static_cast<double>(v);
+      sumsq += static_cast<double>(v) * static_cast<double>(v);
+      max_abs = std::max(max_abs, a);
+    } else if (std::isnan(v)) {
+      ++r.nan;
+    } else {
+      ++r.inf;
+    }
+  }
+  r.sum = sum;
+  r.sumsq = sumsq;
+  r.max_abs = max_abs;
+  r.saturated = saturated;
+}
+
+// Marks which units saw a positive element and which saw an unsaturated one.
+// Flags are only ever set to 1, so relaxed atomic stores make the races benign.
+template <typename T>
+void mark_units(const void* data, int64_t begin, int64_t end, int64_t inner, int64_t units,
+                double threshold, uint8_t* positive, uint8_t* unsaturated) {
+  using L = Loader<T>;
+  int64_t unit = (begin / inner) % units;
+  int64_t left_in_unit = inner - begin % inner;
+  bool pos = false, unsat = false;
+  auto commit = [&](int64_t u) {
+    if (pos && !__atomic_load_n(&positive[u], __ATOMIC_RELAXED))
+      __atomic_store_n(&positive[u], uint8_t{1}, __ATOMIC_RELAXED);
+    if (unsat && !__atomic_load_n(&unsaturated[u], __ATOMIC_RELAXED))
+      __atomic_store_n(&unsaturated[u], uint8_t{1}, __ATOMIC_RELAXED);
+    pos = unsat = false;
+  };
+  for (int64_t i = begin; i < end; ++i) {
+    const auto v = L::load(data, i);
+    pos |= v > 0;
+    unsat |= !(std::fabs(static_cast<double>(v)) >= threshold);
+    if (--left_in_unit == 0) {
+      commit(unit);
+      unit = unit + 1 == units ? 0 : unit + 1;
+      left_in_unit = inner;
+    }
+  }
+  commit(unit);
+}
+
+template <typename T>
+void process_chunk(const int64_t* d, double threshold, const Chunk& c, uint8_t* positive,
+                   uint8_t* unsaturated, ChunkResult& r) {
+  const void* data = reinterpret_cast<const void*>(d[kDescData]);
+  reduce_chunk<T>(data, c.begin, c.end, threshold, r);
+  const int64_t units = d[kDescUnits];
+  if (units > 0) {
+    const int64_t off = d[kDescFlagOffset];
+    mark_units<T>(data, c.begin, c.end, d[kDescInner], units, threshold, positive + off,
+                  unsaturated + off);
+  }
+}
+
+void dispatch_chunk(const StatsBuffers& buf, const Chunk& c, ChunkResult& r) {
+  const int64_t* d = buf.desc + c.tensor * kDescCols;
+  const double threshold = buf.saturation[c.tensor];
+  switch (d[kDescDType]) {
+    case kFloat32:
+      return process_chunk<float>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
+    case kFloat16:
+      return process_chunk<Half>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
+    case kBFloat16:
+      return process_chunk<BFloat16>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated,
+                                     r);
+    case kFloat64:
+      return process_chunk<double>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
+  }
+}
+
+int64_t count_zero_flags(const uint8_t* flags, int64_t n) {
+  int64_t zeros = 0;
+  for (int64_t i = 0; i < n; ++i) zeros += flags[i] == 0;
+  return zeros;
+}
+
+}  // namespace
+
+void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
+  const int64_t T = buf.num_tensors;
+  std::vector<Chunk> chunks;
+  chunks.reserve(static_cast<size_t>(buf.num_chunks));
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t n = buf.desc[t * kDescCols + kDescNumel];
+    for (int64_t b = 0; b < n; b += kChunkElems) chunks.push_back({t, b, std::min(n, b + kChunkElems)});
+  }
+  std::vector<ChunkResult> results(chunks.size());
+
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i = next.fetch_add(1); i < chunks.size(); i = next.fetch_add(1))
+      dispatch_chunk(buf, chunks[i], results[i]);
+  };
+  // A thread costs tens of microseconds to start: only spread work worth that.
+  const size_t threads = std::clamp<size_t>(chunks.size() / 4, 1, std::max(num_threads, 1));
+  std::vector<std::thread> pool;
+  for (size_t i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& th : pool) th.join();
+
+  size_t ci = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t* d = buf.desc + t * kDescCols;
+    double* m = buf.moments + t * kMomentCols;
+    int64_t* cnt = buf.counts + t * kCountCols;
+    int64_t* h = buf.hist + t * kHistBins;
+    m[kSum] = m[kSumSq] = m[kMaxAbs] = 0.0;
+    std::fill(cnt, cnt + kCountCols, 0);
+    std::fill(h, h + kHistBins, 0);
+    for (; ci < chunks.size() && chunks[ci].tensor == t; ++ci) {
+      const ChunkResult& r = results[ci];
+      m[kSum] += r.sum;
+      m[kSumSq] += r.sumsq;
+      m[kMaxAbs] = std::max(m[kMaxAbs], r.max_abs);
+      cnt[kNan] += r.nan;
+      cnt[kInf] += r.inf;
+      cnt[kSaturated] += r.saturated;
+      for (int b = 0; b < kHistBins; ++b) h[b] += r.hist[b];
+    }
+    cnt[kNumel] = d[kDescNumel];
+    cnt[kZeros] = h[kHistZero];
+    const int64_t units = d[kDescUnits];
+    cnt[kUnits] = units;
+    if (units > 0) {
+      const int64_t off = d[kDescFlagOffset];
+      cnt[kDeadUnits] = count_zero_flags(buf.unit_positive + off, units);
+      const bool thresholded = !std::isnan(buf.saturation[t]) && d[kDescNumel] > 0;
+      cnt[kSaturatedUnits] = thresholded ? count_zero_flags(buf.unit_unsaturated + off, units) : 0;
+    }
+  }
+}
+
+}  // namespace torchvitals

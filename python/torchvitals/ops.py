@@ -1,0 +1,213 @@
+"""``tensor_stats``: input checks, the ``torchvitals::tensor_stats`` torch.library op,
+and the one place that picks a backend (C++ on CPU, CUDA on GPU).
+
+The compiled engine receives raw pointers and an int64 descriptor table
+(``csrc/stats.h``); torch allocates every buffer, so the op runs on PyTorch's current
+stream with no host sync and works under ``torch.compile`` (it is opaque to Dynamo).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from torchvitals import _C, histogram
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_NO_FEATURE = -1
+_COUNT_KEYS = (
+    "numel",
+    "nan",
+    "inf",
+    "zeros",
+    "saturated",
+    "units",
+    "dead_units",
+    "saturated_units",
+)
+_MOMENT_KEYS = ("sum", "sumsq", "max_abs")
+
+
+def _per_tensor(value, count: int, name: str) -> list:
+    if value is None or isinstance(value, (int, float)):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries but {count} tensors were given")
+    return values
+
+
+def _check_tensor(index: int, t: object, device: torch.device | None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tensors[{index}] is a {type(t).__name__}, not a torch.Tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"tensors[{index}] has layout {t.layout}; only dense tensors are supported")
+    if t.dtype not in _DTYPE_CODES:
+        raise TypeError(
+            f"tensors[{index}] has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
+        )
+    if t.device.type == "meta":
+        raise ValueError(f"tensors[{index}] is on the meta device and holds no data")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors[{index}] is on {t.device}; supported devices: cpu, cuda")
+    if device is not None and t.device != device:
+        raise ValueError(f"tensors[{index}] is on {t.device} but tensors[0] is on {device}")
+
+
+def _normalize_feature_dim(index: int, t: torch.Tensor, dim: int | None) -> int:
+    if dim is None:
+        return _NO_FEATURE
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"feature_dim for tensors[{index}] must be an int or None, got {dim!r}")
+    if not -t.dim() <= dim < t.dim():
+        raise ValueError(
+            f"feature_dim={dim} is out of range for tensors[{index}] of shape {tuple(t.shape)}"
+        )
+    return dim % t.dim()
+
+
+def _normalize_threshold(index: int, value: float | None) -> float:
+    if value is None:
+        return math.nan  # |x| >= nan is false everywhere: the test is off
+    value = float(value)
+    if not value >= 0:
+        raise ValueError(f"saturation for tensors[{index}] must be >= 0 or None, got {value}")
+    return value
+
+
+def tensor_stats(
+    tensors: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    feature_dim: int | None | Sequence[int | None] = None,
+    saturation: float | None | Sequence[float | None] = None,
+) -> dict[str, torch.Tensor]:
+    """Every statistic of each tensor, in one fused pass, without a host sync.
+
+    Returns a dict of 1-d tensors with one entry per input (``hist`` is ``[T, B]``), on
+    the inputs' device: ``numel, sum, sumsq, max_abs, nan, inf, zeros, saturated, hist,
+    units, dead_units, saturated_units``. ``feature_dim`` and ``saturation`` take one
+    value for all tensors or one per tensor. See the README for exact definitions.
+    """
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    device = None
+    for i, t in enumerate(tensors):
+        _check_tensor(i, t, device)
+        device = t.device
+    dims = _per_tensor(feature_dim, len(tensors), "feature_dim")
+    thresholds = _per_tensor(saturation, len(tensors), "saturation")
+    dims = [_normalize_feature_dim(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims))]
+    thresholds = [_normalize_threshold(i, v) for i, v in enumerate(thresholds)]
+
+    if tensors:
+        detached = [t.detach() for t in tensors]
+        moments, counts, hist = torch.ops.torchvitals.tensor_stats(detached, dims, thresholds)
+    else:
+        moments = torch.zeros(0, len(_MOMENT_KEYS), dtype=torch.float64)
+        counts = torch.zeros(0, len(_COUNT_KEYS), dtype=torch.int64)
+        hist = torch.zeros(0, histogram.NUM_BINS, dtype=torch.int64)
+    out = {key: counts[:, i] for i, key in enumerate(_COUNT_KEYS)}
+    out.update({key: moments[:, i] for i, key in enumerate(_MOMENT_KEYS)})
+    out["hist"] = hist
+    return out
+
+
+# --- the op ---------------------------------------------------------------------------
+
+
+def _descriptors(tensors: list[torch.Tensor], dims: list[int]) -> tuple[list[int], int, int]:
+    """Flattened descriptor rows (csrc/stats.h ``DescCol``), total chunks, total units."""
+    rows: list[int] = []
+    chunks = units_total = 0
+    for t, dim in zip(tensors, dims):
+        numel = t.numel()
+        if dim == _NO_FEATURE:
+            units, inner = 0, 1
+        else:
+            units, inner = t.shape[dim], max(math.prod(t.shape[dim + 1 :]), 1)
+        rows += (t.data_ptr(), numel, _DTYPE_CODES[t.dtype], inner, units, units_total, chunks)
+        chunks += -(-numel // _C.CHUNK_ELEMS)
+        units_total += units
+    return rows, chunks, units_total
+
+
+class _DeviceTables:
+    """Descriptor tables already on the GPU, keyed by their contents.
+
+    Parameters and gradients keep their addresses from step to step, so in steady
+    state no host-to-device copy is issued at all, which also keeps the op capturable
+    in a CUDA graph after one warm-up call.
+    """
+
+    def __init__(self, capacity: int = 16) -> None:
+        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, rows: list[int], thresholds: list[float], device: torch.device):
+        key = (device, tuple(rows), tuple(thresholds))
+        tables = self._tables.get(key)
+        if tables is None:
+            desc = torch.tensor(rows, dtype=torch.int64).view(-1, _C.DESC_COLS).pin_memory()
+            sat = torch.tensor(thresholds, dtype=torch.float64).pin_memory()
+            tables = (desc.to(device, non_blocking=True), sat.to(device, non_blocking=True))
+            self._tables[key] = tables
+            if len(self._tables) > self._capacity:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return tables
+
+
+_device_tables = _DeviceTables()
+
+
+@torch.library.custom_op("torchvitals::tensor_stats", mutates_args=())
+def _tensor_stats_op(
+    tensors: list[torch.Tensor], feature_dims: list[int], saturation: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = [t.contiguous() for t in tensors]  # non-contiguous inputs cost one copy
+    device = tensors[0].device
+    rows, num_chunks, num_units = _descriptors(tensors, feature_dims)
+    count = len(tensors)
+    flags = torch.zeros(2, num_units, dtype=torch.uint8, device=device)
+    moments = torch.empty(count, _C.MOMENT_COLS, dtype=torch.float64, device=device)
+    counts = torch.zeros(count, _C.COUNT_COLS, dtype=torch.int64, device=device)
+    hist = torch.zeros(count, histogram.NUM_BINS, dtype=torch.int64, device=device)
+    common = (flags[0].data_ptr(), flags[1].data_ptr(), moments.data_ptr(), counts.data_ptr())
+
+    if device.type == "cuda":
+        if not getattr(_C, "built_with_cuda", False):
+            raise RuntimeError(
+                "torchvitals was built without CUDA (no nvcc at build time); reinstall "
+                "with nvcc on PATH or TORCHVITALS_CUDA=ON to get statistics of GPU tensors"
+            )
+        desc, sat = _device_tables.get(rows, saturation, device)
+        partials = torch.empty(num_chunks, _C.MOMENT_COLS, dtype=torch.float64, device=device)
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.tensor_stats_cuda(
+                desc.data_ptr(), sat.data_ptr(), count, num_chunks, *common,
+                hist.data_ptr(), partials.data_ptr(), stream,
+            )  # fmt: skip
+    else:
+        desc = torch.tensor(rows, dtype=torch.int64)
+        sat = torch.tensor(saturation, dtype=torch.float64)
+        _C.tensor_stats_cpu(
+            desc.data_ptr(), sat.data_ptr(), count, num_chunks, *common,
+            hist.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return moments, counts, hist
+
+
+@_tensor_stats_op.register_fake
+def _(tensors, feature_dims, saturation):
+    count, device = len(tensors), tensors[0].device
+    return (
+        torch.empty(count, _C.MOMENT_COLS, dtype=torch.float64, device=device),
+        torch.empty(count, _C.COUNT_COLS, dtype=torch.int64, device=device),
+        torch.empty(count, histogram.NUM_BINS, dtype=torch.int64, device=device),
+    )

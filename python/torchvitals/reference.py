@@ -1,0 +1,104 @@
+"""Pure-PyTorch float64 reference for every statistic the engine computes.
+
+Slow and obvious on purpose: the kernel tests compare against it, and it is the
+executable definition of each statistic documented in the README.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from torchvitals import histogram
+
+STAT_KEYS = (
+    "numel",
+    "sum",
+    "sumsq",
+    "max_abs",
+    "nan",
+    "inf",
+    "zeros",
+    "saturated",
+    "hist",
+    "units",
+    "dead_units",
+    "saturated_units",
+)
+
+
+def _hist_row(x: torch.Tensor) -> torch.Tensor:
+    """log2 histogram of one tensor; ``x`` is float64 (every input dtype widens exactly)."""
+    a = x.abs()
+    row = torch.zeros(histogram.NUM_BINS, dtype=torch.int64)
+    finite = torch.isfinite(a)
+    row[histogram.NONFINITE_BIN] = int((~finite).sum())
+    a = a[finite]
+    row[histogram.ZERO_BIN] = int((a == 0).sum())
+    a = a[a > 0]
+    # frexp gives a = m * 2**e with m in [0.5, 1): floor(log2 a) = e - 1, exact for subnormals.
+    k = torch.frexp(a).exponent.to(torch.int64) - 1
+    row[histogram.BELOW_BIN] = int((k < histogram.MIN_EXP).sum())
+    row[histogram.ABOVE_BIN] = int((k > histogram.MAX_EXP).sum())
+    inside = k[(k >= histogram.MIN_EXP) & (k <= histogram.MAX_EXP)] - histogram.MIN_EXP
+    row[histogram.FIRST_EXP_BIN : histogram.ABOVE_BIN] = torch.bincount(
+        inside, minlength=histogram.MAX_EXP - histogram.MIN_EXP + 1
+    )
+    return row
+
+
+def _unit_counts(x: torch.Tensor, feature_dim: int, threshold: float) -> tuple[int, int, int]:
+    """(units, dead units, saturated units) along ``feature_dim`` of float64 ``x``."""
+    units = x.shape[feature_dim]
+    if units == 0:
+        return 0, 0, 0
+    per_unit = x.movedim(feature_dim, 0).reshape(units, -1)
+    dead = int((~(per_unit > 0).any(dim=1)).sum())
+    if math.isnan(threshold) or x.numel() == 0:
+        return units, dead, 0
+    saturated = int((per_unit.abs() >= threshold).all(dim=1).sum())
+    return units, dead, saturated
+
+
+def tensor_stats_reference(
+    tensors: Sequence[torch.Tensor],
+    feature_dims: Sequence[int | None],
+    saturation: Sequence[float | None],
+) -> dict[str, torch.Tensor]:
+    """Same keys and meaning as :func:`torchvitals.tensor_stats`, on CPU in float64.
+
+    ``feature_dims`` and ``saturation`` hold one entry per tensor (``None`` = off).
+    """
+    rows: dict[str, list] = {key: [] for key in STAT_KEYS}
+    for tensor, feature_dim, threshold in zip(tensors, feature_dims, saturation, strict=True):
+        x = tensor.detach().to("cpu", torch.float64)
+        threshold = math.nan if threshold is None else float(threshold)
+        finite = x[torch.isfinite(x)]
+        rows["numel"].append(x.numel())
+        rows["sum"].append(float(finite.sum()))
+        rows["sumsq"].append(float((finite * finite).sum()))
+        rows["max_abs"].append(float(finite.abs().max()) if finite.numel() else 0.0)
+        rows["nan"].append(int(torch.isnan(x).sum()))
+        rows["inf"].append(int(torch.isinf(x).sum()))
+        rows["zeros"].append(int((x == 0).sum()))
+        rows["saturated"].append(int((x.abs() >= threshold).sum()))
+        rows["hist"].append(_hist_row(x))
+        units = (0, 0, 0) if feature_dim is None else _unit_counts(x, feature_dim, threshold)
+        rows["units"].append(units[0])
+        rows["dead_units"].append(units[1])
+        rows["saturated_units"].append(units[2])
+
+    out = {}
+    for key, values in rows.items():
+        if key == "hist":
+            out[key] = (
+                torch.stack(values)
+                if values
+                else torch.zeros(0, histogram.NUM_BINS, dtype=torch.int64)
+            )
+        else:
+            dtype = torch.float64 if key in ("sum", "sumsq", "max_abs") else torch.int64
+            out[key] = torch.tensor(values, dtype=dtype)
+    return out

@@ -1,0 +1,141 @@
+"""Arrow schemas of a torchvitals run directory: the single source of truth.
+
+``docs/schema.md`` describes the same tables in prose; the writer (``writer.py``)
+builds every record batch with these schemas and the reader (``run.py``) conforms
+every segment it reads to them.
+
+Versioning: ``SCHEMA_VERSION`` is an integer bumped on *any* change to a table
+(column added, removed, retyped) or to the meaning of a manifest key. Readers
+accept runs with ``schema_version <= SCHEMA_VERSION`` (columns a run lacks are
+read back as nulls) and refuse newer runs with a clear error.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TABLES",
+    "SCHEMAS",
+    "REQUIRED",
+    "DICT_STRING",
+    "SCALARS",
+    "LAYERS",
+    "HIST",
+    "DROPPED_SCALAR",
+    "schema_for",
+    "empty_table",
+    "conform",
+]
+
+#: Version of the on-disk layout (tables, columns, manifest keys).
+SCHEMA_VERSION = 1
+
+#: Dictionary-encoded string, used for low-cardinality labels (names, layers, kinds).
+DICT_STRING = pa.dictionary(pa.int32(), pa.string())
+
+#: Name of the scalar the writer records when it had to drop queued batches.
+DROPPED_SCALAR = "torchvitals/dropped"
+
+
+def _meta(table: str) -> dict[bytes, bytes]:
+    return {
+        b"torchvitals.table": table.encode(),
+        b"torchvitals.schema_version": str(SCHEMA_VERSION).encode(),
+    }
+
+
+_STEP = pa.field("step", pa.int64(), nullable=False)
+_RANK = pa.field("rank", pa.int32(), nullable=False)
+_LAYER = pa.field("layer", DICT_STRING, nullable=False)
+_KIND = pa.field("kind", DICT_STRING, nullable=False)
+
+#: Long format: one row per (step, name).
+SCALARS = pa.schema(
+    [_STEP, _RANK, pa.field("name", DICT_STRING, nullable=False), pa.field("value", pa.float64())],
+    metadata=_meta("scalars"),
+)
+
+_LAYER_COUNTS = (
+    "numel",
+    "nan",
+    "inf",
+    "zeros",
+    "saturated",
+    "units",
+    "dead_units",
+    "saturated_units",
+)
+_LAYER_FLOATS = ("sum", "sumsq", "max_abs")
+
+#: One row per (step, layer, kind).
+LAYERS = pa.schema(
+    [_STEP, _RANK, _LAYER, _KIND]
+    + [pa.field(c, pa.int64()) for c in _LAYER_COUNTS]
+    + [pa.field(c, pa.float64()) for c in _LAYER_FLOATS],
+    metadata=_meta("layers"),
+)
+
+#: One row per (step, layer, kind); ``counts`` uses the bins of ``hist_edges`` in the manifest.
+HIST = pa.schema(
+    [_STEP, _RANK, _LAYER, _KIND, pa.field("counts", pa.list_(pa.int64()))],
+    metadata=_meta("hist"),
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"scalars": SCALARS, "layers": LAYERS, "hist": HIST}
+TABLES: tuple[str, ...] = tuple(SCHEMAS)
+
+#: Columns a submitted batch must provide (``rank`` defaults to the writer's rank;
+#: every other column may be omitted and is then written as null).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "scalars": ("step", "name", "value"),
+    "layers": ("step", "layer", "kind"),
+    "hist": ("step", "layer", "kind", "counts"),
+}
+
+
+def schema_for(table: str) -> pa.Schema:
+    """The Arrow schema of ``table``; ``KeyError`` naming the known tables otherwise."""
+    try:
+        return SCHEMAS[table]
+    except KeyError:
+        raise KeyError(f"unknown torchvitals table {table!r}; known tables: {', '.join(TABLES)}") from None
+
+
+def empty_table(table: str) -> pa.Table:
+    """A zero-row table with the schema of ``table``."""
+    return schema_for(table).empty_table()
+
+
+def conform(table: str, data: pa.Table | pa.RecordBatch) -> pa.Table:
+    """Return ``data`` with exactly the current schema of ``table``.
+
+    Columns are matched by name; a column the data lacks (a run written by an
+    older schema version) becomes all-null, a column of another type is cast
+    (safe cast only), unknown columns are dropped. Raises ``ValueError`` when a
+    required column is missing or cannot be cast.
+    """
+    schema = schema_for(table)
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if data.schema.equals(schema, check_metadata=False):
+        return data.replace_schema_metadata(schema.metadata)
+    cols = []
+    for field in schema:
+        idx = data.schema.get_field_index(field.name)
+        if idx < 0:
+            if field.name in REQUIRED[table] or field.name in ("step", "rank"):
+                raise ValueError(f"{table}: required column {field.name!r} is missing")
+            cols.append(pa.nulls(data.num_rows, field.type))
+            continue
+        col = data.column(idx)
+        if not col.type.equals(field.type):
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ValueError(
+                    f"{table}: column {field.name!r} has type {col.type}, expected {field.type}: {exc}"
+                ) from exc
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=schema)
