@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from torchvitals import _C, histogram
+from torchvitals.arguments import per_tensor
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _NO_FEATURE = -1
@@ -29,15 +30,6 @@ _COUNT_KEYS = (
     "saturated_units",
 )
 _MOMENT_KEYS = ("sum", "sumsq", "max_abs")
-
-
-def _per_tensor(value, count: int, name: str) -> list:
-    if value is None or isinstance(value, (int, float)):
-        return [value] * count
-    values = list(value)
-    if len(values) != count:
-        raise ValueError(f"{name} has {len(values)} entries but {count} tensors were given")
-    return values
 
 
 def _check_tensor(index: int, t: object, device: torch.device | None) -> None:
@@ -98,8 +90,8 @@ def tensor_stats(
     for i, t in enumerate(tensors):
         _check_tensor(i, t, device)
         device = t.device
-    dims = _per_tensor(feature_dim, len(tensors), "feature_dim")
-    thresholds = _per_tensor(saturation, len(tensors), "saturation")
+    dims = per_tensor(feature_dim, len(tensors), "feature_dim")
+    thresholds = per_tensor(saturation, len(tensors), "saturation")
     dims = [_normalize_feature_dim(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims))]
     thresholds = [_normalize_threshold(i, v) for i, v in enumerate(thresholds)]
 

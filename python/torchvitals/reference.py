@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from torchvitals import histogram
+from torchvitals.arguments import per_tensor
 
 STAT_KEYS = (
     "numel",
@@ -64,15 +65,15 @@ def _unit_counts(x: torch.Tensor, feature_dim: int, threshold: float) -> tuple[i
 
 def tensor_stats_reference(
     tensors: Sequence[torch.Tensor],
-    feature_dims: Sequence[int | None],
-    saturation: Sequence[float | None],
+    *,
+    feature_dim: int | None | Sequence[int | None] = None,
+    saturation: float | None | Sequence[float | None] = None,
 ) -> dict[str, torch.Tensor]:
-    """Same keys and meaning as :func:`torchvitals.tensor_stats`, on CPU in float64.
-
-    ``feature_dims`` and ``saturation`` hold one entry per tensor (``None`` = off).
-    """
+    """Same arguments, keys and meaning as :func:`torchvitals.tensor_stats`, on CPU in float64."""
+    feature_dims = per_tensor(feature_dim, len(tensors), "feature_dim")
+    thresholds = per_tensor(saturation, len(tensors), "saturation")
     rows: dict[str, list] = {key: [] for key in STAT_KEYS}
-    for tensor, feature_dim, threshold in zip(tensors, feature_dims, saturation, strict=True):
+    for tensor, feature_dim, threshold in zip(tensors, feature_dims, thresholds, strict=True):
         x = tensor.detach().to("cpu", torch.float64)
         threshold = math.nan if threshold is None else float(threshold)
         finite = x[torch.isfinite(x)]

@@ -1,0 +1,181 @@
+"""The compiled engine against the float64 reference, on fresh random inputs every run."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from engine_inputs import DTYPES, non_contiguous, random_shape, random_tensor
+
+import torchvitals
+from torchvitals import histogram
+from torchvitals.reference import STAT_KEYS, tensor_stats_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+EXACT_KEYS = [k for k in STAT_KEYS if k not in ("sum", "sumsq")]
+
+
+def fresh_generator() -> torch.Generator:
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed={seed}")  # shown by pytest on failure
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_matches_reference(tensors, feature_dims, thresholds, device, rel=None):
+    """Integer statistics and max|x| must match exactly; sums within the documented bound."""
+    got = torchvitals.tensor_stats(
+        [t.to(device) for t in tensors], feature_dim=feature_dims, saturation=thresholds
+    )
+    want = tensor_stats_reference(tensors, feature_dim=feature_dims, saturation=thresholds)
+    assert set(got) == set(STAT_KEYS)
+    for key in EXACT_KEYS:
+        assert got[key].device.type == device
+        assert torch.equal(got[key].cpu().to(want[key].dtype), want[key]), key
+    # Sums: bounded relative to the sum of |x| over finite elements (what rounding scales with).
+    rel = rel if rel is not None else (1e-12 if device == "cpu" else 1e-5)
+    for i, t in enumerate(tensors):
+        x = t.double()
+        finite = x[torch.isfinite(x)]
+        for key, scale in (("sum", finite.abs().sum()), ("sumsq", (finite * finite).sum())):
+            g, w = float(got[key][i]), float(want[key][i])
+            if math.isinf(w):
+                assert g == w, (key, i)
+            else:
+                assert abs(g - w) <= rel * float(scale) + 1e-300, (key, i, g, w)
+    assert torch.equal(got["hist"].sum(1).cpu(), got["numel"].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_shapes_match_reference(device, dtype):
+    gen = fresh_generator()
+    tensors = [random_tensor(gen, random_shape(gen), dtype) for _ in range(40)]
+    tensors += [random_tensor(gen, (0,), dtype), random_tensor(gen, (3, 0, 2), dtype)]
+    thresholds = [None if i % 3 == 0 else 2.0 ** (i % 7) for i in range(len(tensors))]
+    assert_matches_reference(tensors, [None] * len(tensors), thresholds, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_views(device, dtype):
+    gen = fresh_generator()
+    tensors = [non_contiguous(random_tensor(gen, (5, 7, 3), dtype)) for _ in range(4)]
+    tensors.append(random_tensor(gen, (64, 33), dtype)[:, 1::2])
+    assert not tensors[-1].is_contiguous()
+    dims = [1, -1, 0, None, -1]
+    assert_matches_reference(tensors, dims, 1.0, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_multi_chunk_tensors(device):
+    """Tensors spanning several work chunks, with ragged tails and an odd offset."""
+    gen = fresh_generator()
+    chunk = torchvitals._C.CHUNK_ELEMS
+    tensors = [
+        random_tensor(gen, (3 * chunk + 17,), torch.float32),
+        random_tensor(gen, (2 * chunk + 1,), torch.float32)[1:],  # misaligned start
+        random_tensor(gen, (4, chunk // 2 + 3), torch.bfloat16),
+        random_tensor(gen, (chunk + 5, 2), torch.float64),
+    ]
+    assert_matches_reference(tensors, [None, None, 0, 1], 0.5, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("count", [1, 2000])
+def test_tensor_lists(device, count):
+    gen = fresh_generator()
+    tensors = [random_tensor(gen, random_shape(gen, max_numel=64), torch.float32) for _ in range(count)]
+    assert_matches_reference(tensors, None, 1.0, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dead_and_saturated_units(device, dtype):
+    gen = fresh_generator()
+    conv = torch.rand(8, 16, 5, 5, generator=gen).to(dtype) - 0.5  # NCHW, units along dim 1
+    linear = torch.rand(4, 6, 32, generator=gen).to(dtype) - 0.5  # [..., F], units along dim -1
+    conv_units = torch.randperm(16, generator=gen)
+    dead_conv, saturated = conv_units[:5], conv_units[5:8]
+    dead_linear = torch.randperm(32, generator=gen)[:9]
+    conv[:, dead_conv] = -conv[:, dead_conv].abs()
+    conv[:, dead_conv[0]] = 0.0  # all-zero units are dead too
+    linear[..., dead_linear] = -linear[..., dead_linear].abs()
+    conv[:, saturated] = 2.0
+    conv[0, saturated[0], 0, 0] = math.nan  # a NaN keeps a unit from counting as saturated
+    tensors = [conv, linear]
+    got = torchvitals.tensor_stats([t.to(device) for t in tensors], feature_dim=[1, -1], saturation=1.5)
+    assert got["units"].tolist() == [16, 32]
+    assert got["dead_units"].tolist() == [5, 9]
+    assert got["saturated_units"].tolist() == [2, 0]
+    assert_matches_reference(tensors, [1, -1], 1.5, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_histogram_bins_are_powers_of_two(device):
+    values = torch.tensor(
+        [0.0, -0.0, 1.0, 1.5, -2.0, 3.99, 2.0**-64, 2.0**-65, 2.0**15, 2.0**16, math.nan, -math.inf],
+        dtype=torch.float64,
+    )
+    row = torchvitals.tensor_stats(values.to(device))["hist"][0].cpu()
+    first = histogram.FIRST_EXP_BIN - histogram.MIN_EXP  # bin of 2^0
+    expected = torch.zeros(histogram.NUM_BINS, dtype=torch.int64)
+    for b in (
+        histogram.ZERO_BIN, histogram.ZERO_BIN, first, first, first + 1, first + 1,
+        histogram.FIRST_EXP_BIN, histogram.BELOW_BIN, histogram.ABOVE_BIN - 1,
+        histogram.ABOVE_BIN, histogram.NONFINITE_BIN, histogram.NONFINITE_BIN,
+    ):  # fmt: skip
+        expected[b] += 1
+    assert torch.equal(row, expected)
+
+
+def test_hist_edges_describe_every_bin():
+    layout = torchvitals.hist_edges()
+    assert len(layout.labels) == len(layout.lower) == len(layout.upper) == histogram.NUM_BINS
+    gen = fresh_generator()
+    x = random_tensor(gen, (5000,), torch.float64, specials=0.0).abs()
+    row = torchvitals.tensor_stats(x)["hist"][0]
+    for b in range(histogram.FIRST_EXP_BIN, histogram.ABOVE_BIN):
+        inside = ((x >= layout.lower[b]) & (x < layout.upper[b])).sum()
+        assert int(inside) == int(row[b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_run_to_run(device):
+    gen = fresh_generator()
+    tensors = [random_tensor(gen, (300_000,), torch.float32, specials=0.0).to(device) for _ in range(3)]
+    first = torchvitals.tensor_stats(tensors)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        again = torchvitals.tensor_stats(tensors)
+        for key in STAT_KEYS:
+            assert torch.equal(first[key], again[key]), key
+
+
+def test_empty_list_and_single_tensor():
+    empty = torchvitals.tensor_stats([])
+    assert empty["hist"].shape == (0, histogram.NUM_BINS)
+    assert empty["numel"].shape == (0,)
+    one = torchvitals.tensor_stats(torch.tensor(3.0))
+    assert one["numel"].tolist() == [1] and one["max_abs"].tolist() == [3.0]
+
+
+def test_all_nonfinite_tensor_has_zero_max_abs():
+    got = torchvitals.tensor_stats(torch.tensor([math.nan, math.inf]))
+    assert got["max_abs"].tolist() == [0.0] and got["sum"].tolist() == [0.0]
+    assert got["nan"].tolist() == [1] and got["inf"].tolist() == [1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_over_2_pow_31_elements(device):
+    x = torch.zeros(2, 2**30 + 3, dtype=torch.bfloat16, device=device)
+    x[1, -1] = 4.0
+    x[0, 7] = math.nan
+    got = torchvitals.tensor_stats(x, feature_dim=0, saturation=3.0)
+    assert got["numel"].tolist() == [2**31 + 6]
+    assert got["zeros"].tolist() == [2**31 + 4]
+    assert got["nan"].tolist() == [1] and got["saturated"].tolist() == [1]
+    assert got["max_abs"].tolist() == [4.0] and got["sum"].tolist() == [4.0]
+    assert got["dead_units"].tolist() == [1] and got["saturated_units"].tolist() == [0]
+    assert got["hist"][0, histogram.ZERO_BIN].tolist() == 2**31 + 4

@@ -1,0 +1,67 @@
+"""Bad input to tensor_stats: a clear error naming the tensor and the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchvitals
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (torch.arange(4), TypeError, r"tensors\[1\] has dtype torch.int64"),
+        (torch.ones(3, dtype=torch.complex64), TypeError, r"tensors\[1\] has dtype torch.complex64"),
+        (torch.ones(3, dtype=torch.bool), TypeError, r"tensors\[1\] has dtype torch.bool"),
+        (torch.ones(3).to_sparse(), TypeError, r"tensors\[1\] has layout"),
+        (torch.ones(3, device="meta"), ValueError, r"tensors\[1\] is on the meta device"),
+        ([1.0, 2.0], TypeError, r"tensors\[1\] is a list"),
+    ],
+)
+def test_bad_tensor_is_named(bad, error, message):
+    with pytest.raises(error, match=message):
+        torchvitals.tensor_stats([torch.ones(2), bad])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_devices_are_named():
+    with pytest.raises(ValueError, match=r"tensors\[1\] is on cuda:0 but tensors\[0\] is on cpu"):
+        torchvitals.tensor_stats([torch.ones(2), torch.ones(2, device="cuda")])
+
+
+def test_bad_feature_dim_is_named():
+    with pytest.raises(ValueError, match=r"feature_dim=2 is out of range for tensors\[1\] of shape \(4,\)"):
+        torchvitals.tensor_stats([torch.ones(3, 3, 3), torch.ones(4)], feature_dim=2)
+    with pytest.raises(ValueError, match=r"out of range for tensors\[0\] of shape \(\)"):
+        torchvitals.tensor_stats(torch.tensor(1.0), feature_dim=0)
+    with pytest.raises(TypeError, match=r"feature_dim for tensors\[0\] must be an int"):
+        torchvitals.tensor_stats(torch.ones(2), feature_dim=1.5)
+    with pytest.raises(ValueError, match="feature_dim has 1 entries but 2 tensors"):
+        torchvitals.tensor_stats([torch.ones(2), torch.ones(2)], feature_dim=[0])
+
+
+def test_bad_saturation_is_named():
+    with pytest.raises(ValueError, match=r"saturation for tensors\[0\] must be >= 0"):
+        torchvitals.tensor_stats(torch.ones(2), saturation=-1.0)
+
+
+def test_works_under_torch_compile():
+    def f(x):
+        y = torch.relu(x * 2)
+        return y, torchvitals.tensor_stats([x, y], feature_dim=[None, -1])
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(16, 8)
+    x[:, 3] = -1.0
+    _, stats = compiled(x)
+    _, eager = f(x)
+    for key in stats:
+        assert torch.equal(stats[key], eager[key]), key
+    assert stats["dead_units"].tolist() == [0, 1]
+
+
+def test_inputs_requiring_grad_are_accepted():
+    w = torch.randn(5, requires_grad=True)
+    got = torchvitals.tensor_stats([w * 2])
+    assert got["numel"].tolist() == [5] and not got["sum"].requires_grad
