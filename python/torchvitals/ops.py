@@ -19,7 +19,7 @@ from torchvitals.arguments import per_tensor
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _NO_FEATURE = -1
-_COUNT_KEYS = (
+COUNT_KEYS = (
     "numel",
     "nan",
     "inf",
@@ -29,7 +29,7 @@ _COUNT_KEYS = (
     "dead_units",
     "saturated_units",
 )
-_MOMENT_KEYS = ("sum", "sumsq", "max_abs")
+MOMENT_KEYS = ("sum", "sumsq", "max_abs")
 
 
 def _check_tensor(index: int, t: object, device: torch.device | None) -> None:
@@ -70,6 +70,35 @@ def _normalize_threshold(index: int, value: float | None) -> float:
     return value
 
 
+def fused_stats(
+    tensors: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    feature_dim: int | None | Sequence[int | None] = None,
+    saturation: float | None | Sequence[float | None] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The engine's raw outputs: ``moments [T, 3]`` (columns ``MOMENT_KEYS``, float64),
+    ``counts [T, 8]`` (columns ``COUNT_KEYS``, int64) and ``hist [T, B]`` (int64)."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    tensors = list(tensors)
+    device = None
+    for i, t in enumerate(tensors):
+        _check_tensor(i, t, device)
+        device = t.device
+    dims = per_tensor(feature_dim, len(tensors), "feature_dim")
+    thresholds = per_tensor(saturation, len(tensors), "saturation")
+    dims = [_normalize_feature_dim(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims))]
+    thresholds = [_normalize_threshold(i, v) for i, v in enumerate(thresholds)]
+    if not tensors:
+        return (
+            torch.zeros(0, len(MOMENT_KEYS), dtype=torch.float64),
+            torch.zeros(0, len(COUNT_KEYS), dtype=torch.int64),
+            torch.zeros(0, histogram.NUM_BINS, dtype=torch.int64),
+        )
+    detached = [t.detach() for t in tensors]
+    return torch.ops.torchvitals.tensor_stats(detached, dims, thresholds)
+
+
 def tensor_stats(
     tensors: torch.Tensor | Sequence[torch.Tensor],
     *,
@@ -83,27 +112,9 @@ def tensor_stats(
     units, dead_units, saturated_units``. ``feature_dim`` and ``saturation`` take one
     value for all tensors or one per tensor. See the README for exact definitions.
     """
-    if isinstance(tensors, torch.Tensor):
-        tensors = [tensors]
-    tensors = list(tensors)
-    device = None
-    for i, t in enumerate(tensors):
-        _check_tensor(i, t, device)
-        device = t.device
-    dims = per_tensor(feature_dim, len(tensors), "feature_dim")
-    thresholds = per_tensor(saturation, len(tensors), "saturation")
-    dims = [_normalize_feature_dim(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims))]
-    thresholds = [_normalize_threshold(i, v) for i, v in enumerate(thresholds)]
-
-    if tensors:
-        detached = [t.detach() for t in tensors]
-        moments, counts, hist = torch.ops.torchvitals.tensor_stats(detached, dims, thresholds)
-    else:
-        moments = torch.zeros(0, len(_MOMENT_KEYS), dtype=torch.float64)
-        counts = torch.zeros(0, len(_COUNT_KEYS), dtype=torch.int64)
-        hist = torch.zeros(0, histogram.NUM_BINS, dtype=torch.int64)
-    out = {key: counts[:, i] for i, key in enumerate(_COUNT_KEYS)}
-    out.update({key: moments[:, i] for i, key in enumerate(_MOMENT_KEYS)})
+    moments, counts, hist = fused_stats(tensors, feature_dim=feature_dim, saturation=saturation)
+    out = {key: counts[:, i] for i, key in enumerate(COUNT_KEYS)}
+    out.update({key: moments[:, i] for i, key in enumerate(MOMENT_KEYS)})
     out["hist"] = hist
     return out
 
