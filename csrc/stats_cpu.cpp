@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -28,7 +29,21 @@ struct Chunk {
   int64_t end;
 };
 
-// Loads element i widened to float (fp64 stays double) together with its histogram bin.
+// Histogram bin of every biased fp64 exponent; zero and subnormal share exponent 0
+// and are told apart by the mantissa. The table keeps the loop free of branches that
+// random data would mispredict.
+template <int kExpBits, int kBias>
+struct ExponentBins {
+  uint8_t bin[1 << kExpBits];
+  ExponentBins() {
+    bin[0] = kHistZero;
+    for (int e = 1; e < (1 << kExpBits) - 1; ++e) bin[e] = hist_bin_for_exponent(e - kBias);
+    bin[(1 << kExpBits) - 1] = kHistNonFinite;
+  }
+};
+const ExponentBins<11, 1023> kF64Bins;
+
+// Element i widened to the accumulation type (fp16/bf16 widen to fp32 exactly).
 template <typename T>
 struct Loader;
 
@@ -36,14 +51,12 @@ template <>
 struct Loader<float> {
   using Acc = float;
   static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
-  static int bin(float v) { return hist_bin_f32(f32_bits(v)); }
 };
 
 template <>
 struct Loader<double> {
   using Acc = double;
   static double load(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
-  static int bin(double v) { return hist_bin_f64(f64_bits(v)); }
 };
 
 struct Half {};
@@ -55,7 +68,6 @@ struct Loader<Half> {
   static float load(const void* p, int64_t i) {
     return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
   }
-  static int bin(float v) { return hist_bin_f32(f32_bits(v)); }
 };
 
 template <>
@@ -64,36 +76,83 @@ struct Loader<BFloat16> {
   static float load(const void* p, int64_t i) {
     return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
   }
-  static int bin(float v) { return hist_bin_f32(f32_bits(v)); }
 };
 
-// Elements are summed in float64 in short blocks: long enough for the compiler to
-// vectorise, short enough that the rare NaN/Inf branch stays off the common path.
-template <typename T>
-void reduce_chunk(const void* data, int64_t begin, int64_t end, double threshold,
-                  ChunkResult& r) {
-  using L = Loader<T>;
-  double sum = 0.0, sumsq = 0.0, max_abs = 0.0;
-  int64_t saturated = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    const auto v = L::load(data, i);
-    const double a = std::fabs(static_cast<double>(v));
-    ++r.hist[L::bin(v)];
-    saturated += a >= threshold;  // false for NaN values and for a NaN threshold
-    if (std::isfinite(v)) {
-      sum += static_cast<double>(v);
-      sumsq += static_cast<double>(v) * static_cast<double>(v);
-      max_abs = std::max(max_abs, a);
-    } else if (std::isnan(v)) {
-      ++r.nan;
-    } else {
-      ++r.inf;
-    }
+inline int bin_of(double v) {
+  const uint64_t bits = f64_bits(v);
+  const uint64_t e = (bits >> 52) & 0x7ffu;
+  return kF64Bins.bin[e] + ((e == 0) & ((bits & 0xfffffffffffffull) != 0));
+}
+
+// Bins of a block of fp32 values in branch-free integer arithmetic, which vectorises.
+inline void block_bins(const float* block, uint8_t* bins, int n) {
+  constexpr int kOffset = kHistFirstExp - kHistMinExp - 127;  // bin = biased exponent + offset
+  for (int i = 0; i < n; ++i) {
+    const uint32_t bits = f32_bits(block[i]);
+    const int e = static_cast<int>((bits >> 23) & 0xffu);
+    const int in_window = std::min(std::max(e + kOffset, kHistBelow), kHistAbove);
+    const int low = (bits & 0x7fffffu) ? kHistBelow : kHistZero;
+    bins[i] = static_cast<uint8_t>(e == 0 ? low : e == 0xff ? kHistNonFinite : in_window);
   }
-  r.sum = sum;
-  r.sumsq = sumsq;
-  r.max_abs = max_abs;
-  r.saturated = saturated;
+}
+
+inline void block_bins(const double* block, uint8_t* bins, int n) {
+  for (int i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(bin_of(block[i]));
+}
+
+// The moments run over independent lanes so the compiler can vectorise them without
+// reassociating float adds; the histogram takes a separate scalar pass over the same
+// cache-hot block, spread over several copies to break repeated-bin store chains.
+template <typename T>
+__attribute__((target_clones("avx2", "default"))) void reduce_chunk(
+    const void* data, int64_t begin, int64_t end, double threshold, ChunkResult& r) {
+  using L = Loader<T>;
+  using Acc = typename L::Acc;
+  constexpr int kLanes = 8;
+  constexpr int kBlock = 512;
+  constexpr int kCopies = 4;
+  uint32_t hist[kCopies][kHistBins] = {};
+  // Every lane is double, counts included (exact below 2^53), so that the lanes have
+  // one width and vectorise as a whole.
+  double sum[kLanes] = {}, sumsq[kLanes] = {}, max_abs[kLanes] = {};
+  double saturated[kLanes] = {}, nan[kLanes] = {};
+  Acc block[kBlock];
+
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+    for (int i = 0; i < n; ++i) block[i] = L::load(data, b + i);
+    for (int i = n; i < kBlock; ++i) block[i] = Acc{0};  // zero padding adds nothing
+    for (int i = 0; i < kBlock; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const double v = static_cast<double>(block[i + j]);
+        const double a = std::fabs(v);
+        const bool finite = a <= std::numeric_limits<double>::max();
+        const double f = finite ? v : 0.0;
+        sum[j] += f;
+        sumsq[j] += f * f;
+        max_abs[j] = std::max(max_abs[j], finite ? a : 0.0);
+        nan[j] += v != v ? 1.0 : 0.0;
+        saturated[j] += a >= threshold ? 1.0 : 0.0;  // false for NaN and a NaN threshold
+      }
+    }
+    uint8_t bins[kBlock];
+    block_bins(block, bins, n);
+    int i = 0;
+    for (; i + kCopies <= n; i += kCopies)
+      for (int c = 0; c < kCopies; ++c) ++hist[c][bins[i + c]];
+    for (; i < n; ++i) ++hist[0][bins[i]];
+  }
+
+  for (int j = 0; j < kLanes; ++j) {
+    r.sum += sum[j];
+    r.sumsq += sumsq[j];
+    r.max_abs = std::max(r.max_abs, max_abs[j]);
+    r.saturated += static_cast<int64_t>(saturated[j]);
+    r.nan += static_cast<int64_t>(nan[j]);
+  }
+  for (int c = 0; c < kCopies; ++c)
+    for (int k = 0; k < kHistBins; ++k) r.hist[k] += hist[c][k];
+  r.inf = r.hist[kHistNonFinite] - r.nan;
 }
 
 // Marks which units saw a positive element and which saw an unsaturated one.

@@ -1,8 +1,10 @@
 """torchvitals: every-step training telemetry for PyTorch."""
 
 from torchvitals.histogram import HistLayout, hist_edges
+from torchvitals.monitor import Monitor
 from torchvitals.ops import tensor_stats
+from torchvitals.run import Run, load_run
 
 __version__ = "0.1.0"
 
-__all__ = ["HistLayout", "__version__", "hist_edges", "tensor_stats"]
+__all__ = ["HistLayout", "Monitor", "Run", "__version__", "hist_edges", "load_run", "tensor_stats"]
