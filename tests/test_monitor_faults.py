@@ -1,0 +1,85 @@
+"""A training process with a Monitor that is SIGKILLed, or whose disk is full."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import torchvitals
+
+TRAINER = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    import torchvitals
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = torchvitals.Monitor(model, sys.argv[1], optimizer=opt, flush_interval=0.1)
+    step = 0
+    while True:
+        x = torch.randn(32, 8)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        mon.step(loss=loss)
+        print(step, flush=True)
+        step += 1
+    """
+)
+
+
+def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path):
+    path = tmp_path / "run"
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for line in proc.stdout:
+            if int(line) >= 50:
+                break
+        reached = int(line)
+        time.sleep(0.6)  # several flush intervals: everything up to `reached` is on disk
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last batch is reported as a warning
+        run = torchvitals.load_run(path)
+    steps = run.scalar("loss")[0]
+    assert set(range(reached + 1)) <= set(steps.tolist())
+    layer_steps = set(run.to_pandas("layers")["step"])
+    assert set(range(reached + 1)) <= layer_steps
+    assert not run.closed
+
+
+def test_full_disk_keeps_training_and_warns_once(tmp_path):
+    path = tmp_path / "run"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mon = torchvitals.Monitor(model, path, optimizer=opt, flush_interval=0.05)
+        for table in ("scalars", "layers", "hist"):  # the disk fills up after the start
+            (path / f"{table}.rank0.000000.arrows").symlink_to("/dev/full")
+        for _ in range(20):
+            loss = model(torch.randn(4, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mon.step(loss=loss)
+        mon.close()
+    disk_warnings = [w for w in caught if "No space left" in str(w.message)]
+    assert len(disk_warnings) == 1
+    assert mon.writer.write_errors >= 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
