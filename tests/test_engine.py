@@ -86,7 +86,9 @@ def test_multi_chunk_tensors(device):
 @pytest.mark.parametrize("count", [1, 2000])
 def test_tensor_lists(device, count):
     gen = fresh_generator()
-    tensors = [random_tensor(gen, random_shape(gen, max_numel=64), torch.float32) for _ in range(count)]
+    tensors = [
+        random_tensor(gen, random_shape(gen, max_numel=64), torch.float32) for _ in range(count)
+    ]
     assert_matches_reference(tensors, None, 1.0, device)
 
 
@@ -105,7 +107,9 @@ def test_dead_and_saturated_units(device, dtype):
     conv[:, saturated] = 2.0
     conv[0, saturated[0], 0, 0] = math.nan  # a NaN keeps a unit from counting as saturated
     tensors = [conv, linear]
-    got = torchvitals.tensor_stats([t.to(device) for t in tensors], feature_dim=[1, -1], saturation=1.5)
+    got = torchvitals.tensor_stats(
+        [t.to(device) for t in tensors], feature_dim=[1, -1], saturation=1.5
+    )
     assert got["units"].tolist() == [16, 32]
     assert got["dead_units"].tolist() == [5, 9]
     assert got["saturated_units"].tolist() == [2, 0]
@@ -115,7 +119,20 @@ def test_dead_and_saturated_units(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_histogram_bins_are_powers_of_two(device):
     values = torch.tensor(
-        [0.0, -0.0, 1.0, 1.5, -2.0, 3.99, 2.0**-64, 2.0**-65, 2.0**15, 2.0**16, math.nan, -math.inf],
+        [
+            0.0,
+            -0.0,
+            1.0,
+            1.5,
+            -2.0,
+            3.99,
+            2.0**-64,
+            2.0**-65,
+            2.0**15,
+            2.0**16,
+            math.nan,
+            -math.inf,
+        ],
         dtype=torch.float64,
     )
     row = torchvitals.tensor_stats(values.to(device))["hist"][0].cpu()
@@ -144,7 +161,9 @@ def test_hist_edges_describe_every_bin():
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_run_to_run(device):
     gen = fresh_generator()
-    tensors = [random_tensor(gen, (300_000,), torch.float32, specials=0.0).to(device) for _ in range(3)]
+    tensors = [
+        random_tensor(gen, (300_000,), torch.float32, specials=0.0).to(device) for _ in range(3)
+    ]
     first = torchvitals.tensor_stats(tensors)
     for threads in (1, 2):
         torch.set_num_threads(threads)

@@ -65,4 +65,6 @@ def test_deterministic_sums_on_gpu():
     first = torchvitals.tensor_stats(tensors)
     for _ in range(3):
         again = torchvitals.tensor_stats(tensors)
-        assert torch.equal(first["sum"], again["sum"]) and torch.equal(first["sumsq"], again["sumsq"])
+        assert torch.equal(first["sum"], again["sum"]) and torch.equal(
+            first["sumsq"], again["sumsq"]
+        )

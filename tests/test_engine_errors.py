@@ -12,7 +12,11 @@ import torchvitals
     ("bad", "error", "message"),
     [
         (torch.arange(4), TypeError, r"tensors\[1\] has dtype torch.int64"),
-        (torch.ones(3, dtype=torch.complex64), TypeError, r"tensors\[1\] has dtype torch.complex64"),
+        (
+            torch.ones(3, dtype=torch.complex64),
+            TypeError,
+            r"tensors\[1\] has dtype torch.complex64",
+        ),
         (torch.ones(3, dtype=torch.bool), TypeError, r"tensors\[1\] has dtype torch.bool"),
         (torch.ones(3).to_sparse(), TypeError, r"tensors\[1\] has layout"),
         (torch.ones(3, device="meta"), ValueError, r"tensors\[1\] is on the meta device"),
@@ -31,7 +35,9 @@ def test_mixed_devices_are_named():
 
 
 def test_bad_feature_dim_is_named():
-    with pytest.raises(ValueError, match=r"feature_dim=2 is out of range for tensors\[1\] of shape \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"feature_dim=2 is out of range for tensors\[1\] of shape \(4,\)"
+    ):
         torchvitals.tensor_stats([torch.ones(3, 3, 3), torch.ones(4)], feature_dim=2)
     with pytest.raises(ValueError, match=r"out of range for tensors\[0\] of shape \(\)"):
         torchvitals.tensor_stats(torch.tensor(1.0), feature_dim=0)

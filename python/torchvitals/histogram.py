@@ -41,11 +41,9 @@ class HistLayout:
 def hist_edges() -> HistLayout:
     """The histogram layout: bounds and a label for each of the ``NUM_BINS`` bins."""
     exps = np.arange(MIN_EXP, MAX_EXP + 1, dtype=np.float64)
-    lower = np.concatenate([[0.0, np.nextafter(0.0, 1.0)], 2.0**exps, [2.0 ** (MAX_EXP + 1), np.nan]])
-    upper = np.concatenate([[0.0, 2.0**MIN_EXP], 2.0 ** (exps + 1), [np.inf, np.nan]])
-    labels = (
-        ("0", f"<2^{MIN_EXP}")
-        + tuple(f"2^{int(k)}" for k in exps)
-        + (f">=2^{MAX_EXP + 1}", "nan/inf")
+    lower = np.concatenate(
+        [[0.0, np.nextafter(0.0, 1.0)], 2.0**exps, [2.0 ** (MAX_EXP + 1), np.nan]]
     )
+    upper = np.concatenate([[0.0, 2.0**MIN_EXP], 2.0 ** (exps + 1), [np.inf, np.nan]])
+    labels = ("0", f"<2^{MIN_EXP}", *(f"2^{int(k)}" for k in exps), f">=2^{MAX_EXP + 1}", "nan/inf")
     return HistLayout(lower=lower, upper=upper, labels=labels)

@@ -166,10 +166,14 @@ class Monitor:
 
     def _register_hooks(self, hooked: list[tuple[nn.Module, HookSpec]]) -> None:
         if hooked:
-            self._handles.append(self.model.register_forward_pre_hook(self._guard(self._on_model_start)))
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._guard(self._on_model_start))
+            )
             self._handles.append(self.model.register_forward_hook(self._guard(self._on_model_end)))
         for module, spec in hooked:
-            self._handles.append(module.register_forward_hook(self._guard(self._activation_hook(spec))))
+            self._handles.append(
+                module.register_forward_hook(self._guard(self._activation_hook(spec)))
+            )
             if self.config.act_grads:
                 hook = self._guard(self._act_grad_hook(spec.name))
                 self._handles.append(module.register_full_backward_hook(hook))
@@ -206,7 +210,11 @@ class Monitor:
             "world_size": self.world_size,
             "config": asdict(self.config),
             "layers": layers,
-            "hist_edges": {"labels": list(edges.labels), "min_exp": edges.min_exp, "max_exp": edges.max_exp},
+            "hist_edges": {
+                "labels": list(edges.labels),
+                "min_exp": edges.min_exp,
+                "max_exp": edges.max_exp,
+            },
         }
 
     def _guard(self, fn: Callable) -> Callable:
@@ -373,7 +381,9 @@ class Monitor:
         if self.closed:
             if "closed" not in self._warned:
                 self._warned.add("closed")
-                warnings.warn("torchvitals: Monitor.step() after close() records nothing", stacklevel=2)
+                warnings.warn(
+                    "torchvitals: Monitor.step() after close() records nothing", stacklevel=2
+                )
             return
         self._guard(self._step)(loss, scalars)
         self.step_count += 1
@@ -414,7 +424,7 @@ class Monitor:
             a = arrays()
             values = dict(host)
             if device_names:
-                values.update(zip(device_names, a["scalars"].tolist()))
+                values.update(zip(device_names, a["scalars"].tolist(), strict=True))
             grads = [i for i, (kind, _) in enumerate(meta) if kind == "grad"]
             if grads:
                 sumsq = sum(float(a[f"{i}.moments"][:, _SUMSQ].sum()) for i in grads)

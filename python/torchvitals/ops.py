@@ -73,8 +73,8 @@ def _normalize_threshold(index: int, value: float | None) -> float:
 def fused_stats(
     tensors: torch.Tensor | Sequence[torch.Tensor],
     *,
-    feature_dim: int | None | Sequence[int | None] = None,
-    saturation: float | None | Sequence[float | None] = None,
+    feature_dim: int | Sequence[int | None] | None = None,
+    saturation: float | Sequence[float | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The engine's raw outputs: ``moments [T, 3]`` (columns ``MOMENT_KEYS``, float64),
     ``counts [T, 8]`` (columns ``COUNT_KEYS``, int64) and ``hist [T, B]`` (int64)."""
@@ -87,7 +87,9 @@ def fused_stats(
         device = t.device
     dims = per_tensor(feature_dim, len(tensors), "feature_dim")
     thresholds = per_tensor(saturation, len(tensors), "saturation")
-    dims = [_normalize_feature_dim(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims))]
+    dims = [
+        _normalize_feature_dim(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims, strict=True))
+    ]
     thresholds = [_normalize_threshold(i, v) for i, v in enumerate(thresholds)]
     if not tensors:
         return (
@@ -102,8 +104,8 @@ def fused_stats(
 def tensor_stats(
     tensors: torch.Tensor | Sequence[torch.Tensor],
     *,
-    feature_dim: int | None | Sequence[int | None] = None,
-    saturation: float | None | Sequence[float | None] = None,
+    feature_dim: int | Sequence[int | None] | None = None,
+    saturation: float | Sequence[float | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every statistic of each tensor, in one fused pass, without a host sync.
 
@@ -126,7 +128,7 @@ def _descriptors(tensors: list[torch.Tensor], dims: list[int]) -> tuple[list[int
     """Flattened descriptor rows (csrc/stats.h ``DescCol``), total chunks, total units."""
     rows: list[int] = []
     chunks = units_total = 0
-    for t, dim in zip(tensors, dims):
+    for t, dim in zip(tensors, dims, strict=True):
         numel = t.numel()
         if dim == _NO_FEATURE:
             units, inner = 0, 1

@@ -66,8 +66,8 @@ def _unit_counts(x: torch.Tensor, feature_dim: int, threshold: float) -> tuple[i
 def tensor_stats_reference(
     tensors: Sequence[torch.Tensor],
     *,
-    feature_dim: int | None | Sequence[int | None] = None,
-    saturation: float | None | Sequence[float | None] = None,
+    feature_dim: int | Sequence[int | None] | None = None,
+    saturation: float | Sequence[float | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Same arguments, keys and meaning as :func:`torchvitals.tensor_stats`, on CPU in float64."""
     feature_dims = per_tensor(feature_dim, len(tensors), "feature_dim")
