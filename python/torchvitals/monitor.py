@@ -141,6 +141,7 @@ class Monitor:
         self.closed = False
         self._warned: set[str] = set()
         self._pending: list[_Batch] = []
+        self._graph_batches: list[_Batch] = []
         self._stashed_acts: list[tuple[HookSpec, torch.Tensor]] = []
         self._stashed_act_grads: list[tuple[str, torch.Tensor]] = []
         self._recording_acts = False
@@ -313,7 +314,11 @@ class Monitor:
                 feature_dim=[dims[i] for i in idx],
                 saturation=[thresholds[i] for i in idx],
             )
-            self._pending.append(_Batch(kind, [names[i] for i in idx], moments, counts, hist))
+            batch = _Batch(kind, [names[i] for i in idx], moments, counts, hist)
+            self._pending.append(batch)
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                # Hooks run once, at capture; every replay rewrites these outputs.
+                self._graph_batches.append(batch)
 
     def _named_params(self) -> list[tuple[str, torch.Tensor]]:
         if self.optimizer is None:
@@ -400,7 +405,7 @@ class Monitor:
             self._collect_weights()
         host, device = self._device_scalars(loss, scalars)
         host["step_time"] = step_time
-        batches, self._pending = self._pending, []
+        batches, self._pending = self._pending or list(self._graph_batches), []
 
         tensors: dict[str, torch.Tensor] = {}
         for i, b in enumerate(batches):

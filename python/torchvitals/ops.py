@@ -144,12 +144,13 @@ class _DeviceTables:
     """Descriptor tables already on the GPU, keyed by their contents.
 
     Parameters and gradients keep their addresses from step to step, so in steady
-    state no host-to-device copy is issued at all, which also keeps the op capturable
-    in a CUDA graph after one warm-up call.
+    state no host-to-device copy is issued at all, and after one warm-up call the op
+    can be captured in a CUDA graph. Each entry keeps its pinned source alive too, so
+    a copy captured on a miss stays valid for as long as the entry does.
     """
 
-    def __init__(self, capacity: int = 16) -> None:
-        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+    def __init__(self, capacity: int = 64) -> None:
+        self._tables: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
         self._capacity = capacity
 
     def get(self, rows: list[int], thresholds: list[float], device: torch.device):
@@ -158,13 +159,18 @@ class _DeviceTables:
         if tables is None:
             desc = torch.tensor(rows, dtype=torch.int64).view(-1, _C.DESC_COLS).pin_memory()
             sat = torch.tensor(thresholds, dtype=torch.float64).pin_memory()
-            tables = (desc.to(device, non_blocking=True), sat.to(device, non_blocking=True))
+            tables = (
+                desc.to(device, non_blocking=True),
+                sat.to(device, non_blocking=True),
+                desc,
+                sat,
+            )
             self._tables[key] = tables
             if len(self._tables) > self._capacity:
                 self._tables.popitem(last=False)
         else:
             self._tables.move_to_end(key)
-        return tables
+        return tables[0], tables[1]
 
 
 _device_tables = _DeviceTables()

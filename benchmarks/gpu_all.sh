@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one invocation (< 10 minutes, no network needed):
+# build with CUDA, the whole test suite, compute-sanitizer memcheck and racecheck over
+# the kernel tests, the sync/graph/compile checks, and both benchmarks.
+#   bash benchmarks/gpu_all.sh OUTDIR
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-gpu-results}}
+mkdir -p "$out"
+status=0
+step() {  # step NAME CMD...: runs CMD, logs to $out/NAME.txt, remembers failures
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" >"$out/$name.txt" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $((SECONDS - t0)) s"
+  tail -n 3 "$out/$name.txt"
+  [ $rc -eq 0 ] || status=1
+}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  git rev-parse HEAD 2>/dev/null || echo "commit unknown"
+} >"$out/environment.txt" 2>&1
+cat "$out/environment.txt"
+
+step build env TORCHVITALS_CUDA=ON python -m pip install --no-build-isolation --no-deps -v .
+step tests python -m pytest -q -p no:cacheprovider tests
+kernel_tests="tests/test_engine.py tests/test_engine_cuda.py"
+sanitize="not cpu and not 2_pow_31 and not 2000"
+step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider $kernel_tests -k "$sanitize"
+step racecheck compute-sanitizer --tool racecheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider $kernel_tests -k "$sanitize"
+step checks python benchmarks/gpu_checks.py
+step kernels python benchmarks/bench_kernels.py --device cuda
+step overhead python benchmarks/bench_overhead.py --device cuda
+cp benchmarks/results/*.json "$out/" 2>/dev/null
+exit $status
