@@ -1,0 +1,167 @@
+"""``detect_events``: offline event detection on a training run.
+
+Inputs (all arrays 1-D and aligned with ``step``):
+
+``loss``
+    the monitored metric (a loss, or with ``higher_is_better=True`` an accuracy/score).
+``step``
+    increasing step numbers (default ``0..N-1``); events report steps in these units.
+``lr``
+    learning rate, used to tell ``lr_drop`` from ``kick_in`` (optional).
+``**layer_series``
+    scalars ``grad_norm`` (global gradient norm), ``loss_scale`` (AMP loss scale), and
+    per-layer series keyed ``<metric>/<layer>`` with metric one of
+
+    * ``grad_norm``   - gradient L2 norm of the layer
+    * ``weight_norm`` - weight L2 norm
+    * ``dead_frac``   - fraction of units that never activate (0..1)
+    * ``sat_frac``    - fraction of saturated activations (0..1)
+    * ``act_grad_norm`` - L2 norm of the activation gradient
+    * ``nonfinite``   - count of NaN/Inf elements (any tensor of the layer)
+
+``run``
+    alternatively a recorded run with pyarrow tables ``run.scalars`` / ``run.layers``
+    (docs/schema.md); converted by :func:`torchvitals.analysis.runtables.series_from_run`.
+    Explicit keyword arguments override what the run provides.
+
+The result is a list of :class:`~torchvitals.analysis.events.Event`, sorted by step:
+curve events (see :mod:`torchvitals.analysis.curve`), layer findings
+(:mod:`torchvitals.analysis.layers`), ``nonfinite`` (first NaN/Inf loss or gradient and the
+first layer where it appeared) and ``initial_loss``. Curve events of kinds ``kick_in``,
+``lr_drop``, ``spike`` and ``divergence`` carry a ranked attribution in ``event.layers``
+(:mod:`torchvitals.analysis.attribution`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .attribution import attribute
+from .curve import analyse_curve
+from .events import Event
+from .layers import first_nonfinite_layer, initial_loss_finding, layer_findings
+from .runtables import series_from_run
+from .series import as_1d
+
+SCALAR_KEYS = ("grad_norm", "loss_scale")
+LAYER_METRICS = ("grad_norm", "weight_norm", "dead_frac", "sat_frac", "act_grad_norm", "nonfinite")
+
+
+def _validate(loss, step, lr, layer_series):
+    if loss is None:
+        raise ValueError("loss: required (pass loss=... or a run)")
+    loss = as_1d("loss", loss)
+    n = loss.size
+    if n == 0:
+        raise ValueError("loss: empty array")
+    if step is None:
+        step = np.arange(n, dtype=np.int64)
+    else:
+        step = as_1d("step", step)
+        if step.size != n:
+            raise ValueError(f"step: length {step.size} does not match loss length {n}")
+        if not np.isfinite(step).all():
+            raise ValueError("step: contains NaN/Inf")
+        step = step.astype(np.int64)
+    if lr is not None:
+        lr = as_1d("lr", lr)
+        if lr.size != n:
+            raise ValueError(f"lr: length {lr.size} does not match loss length {n}")
+    series = {}
+    for key, v in layer_series.items():
+        metric, sep, layer = key.partition("/")
+        if not sep and key not in SCALAR_KEYS:
+            raise ValueError(
+                f"{key}: unknown series; expected one of {SCALAR_KEYS} or "
+                f"'<metric>/<layer>' with metric in {LAYER_METRICS}"
+            )
+        if sep and (metric not in LAYER_METRICS or not layer):
+            raise ValueError(f"{key}: unknown layer metric {metric!r}; expected {LAYER_METRICS}")
+        arr = as_1d(key, v)
+        if arr.size != n:
+            raise ValueError(f"{key}: length {arr.size} does not match loss length {n}")
+        series[key] = arr
+    if n > 1 and np.any(np.diff(step) < 0):
+        o = np.argsort(step, kind="stable")
+        step, loss = step[o], loss[o]
+        lr = lr[o] if lr is not None else None
+        series = {k: v[o] for k, v in series.items()}
+    return loss, step, lr, series
+
+
+def _nonfinite_event(step, loss, series, curve_events):
+    """Merge loss/gradient/layer non-finite sources into one event at the earliest step."""
+    sources = []
+    for e in curve_events:
+        if e.kind == "nonfinite":
+            sources.append((e.step, "loss"))
+    g = series.get("grad_norm")
+    if g is not None and not np.isfinite(g).all():
+        sources.append((int(step[np.argmin(np.isfinite(g))]), "grad_norm"))
+    first_layer = first_nonfinite_layer(step, series)
+    if first_layer is not None:
+        sources.append((first_layer[1], f"layer {first_layer[0]}"))
+    if not sources:
+        return None
+    at = min(s for s, _ in sources)
+    what = ", ".join(f"{w} at step {s}" for s, w in sorted(sources))
+    ev = Event("nonfinite", at, at, "critical", f"first non-finite values: {what}", {})
+    ev.evidence["first_step"] = float(at)
+    if first_layer is not None:
+        ev.layers = [(first_layer[0], "nonfinite", 1.0, int(at - first_layer[1]))]
+        ranked = []
+        for key, v in series.items():
+            metric, _, layer = key.partition("/")
+            if metric == "nonfinite":
+                idx = np.flatnonzero(np.asarray(v) > 0)
+                if idx.size:
+                    ranked.append((int(step[idx[0]]), layer, float(v[idx[0]])))
+        ranked.sort()
+        ev.layers = [(lay, "nonfinite", cnt, int(at - s)) for s, lay, cnt in ranked[:10]]
+        ev.evidence["first_layer_step"] = float(first_layer[1])
+    return ev
+
+
+def detect_events(
+    run=None,
+    *,
+    loss=None,
+    step=None,
+    lr=None,
+    higher_is_better: bool = False,
+    num_classes: int | None = None,
+    **layer_series,
+) -> list[Event]:
+    """Detect training events; see the module docstring for inputs and outputs."""
+    if run is not None:
+        r_step, r_loss, r_lr, r_series = series_from_run(run)
+        if loss is None:
+            loss = r_loss
+            step = r_step if step is None else step
+        if lr is None:
+            lr = r_lr
+        layer_series = {**r_series, **layer_series}
+    loss, step, lr, series = _validate(loss, step, lr, layer_series)
+    metric = "accuracy" if higher_is_better else "loss"
+    curve_events, ctx = analyse_curve(step, loss, lr, higher_is_better, metric)
+    events = [e for e in curve_events if e.kind != "nonfinite"]
+    nf = _nonfinite_event(step, loss, series, curve_events)
+    if nf is not None:
+        events.append(nf)
+    if not higher_is_better:
+        il = initial_loss_finding(step, loss, num_classes)
+        if il is not None:
+            events.append(il)
+    layer_only = {k: v for k, v in series.items() if "/" in k}
+    events.extend(layer_findings(step, layer_only))
+    block = int(ctx.bounds[1] - ctx.bounds[0]) if ctx.bounds.size > 1 else 1
+    attribute(
+        events,
+        step,
+        lr=lr,
+        scalars={k: series[k] for k in SCALAR_KEYS if k in series},
+        layer_series={k: v for k, v in layer_only.items() if not k.startswith("nonfinite/")},
+        horizon=max(3, ctx.window * block),
+    )
+    events.sort(key=lambda e: (e.step, e.kind))
+    return events

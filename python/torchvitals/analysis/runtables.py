@@ -1,0 +1,152 @@
+"""Turn a recorded run (pyarrow tables, see docs/schema.md) into aligned arrays.
+
+``series_from_run(run)`` returns ``(step, loss, lr, series)`` where ``series`` uses the
+keys of :func:`torchvitals.analysis.detect_events`:
+
+* scalars: ``grad_norm``, ``loss_scale`` (by name from ``run.scalars``);
+* per layer, from ``run.layers``: ``grad_norm/<layer>`` = sqrt(sumsq) of kind ``grad``,
+  ``dead_frac/<layer>`` = dead_units/units of kind ``act``, ``sat_frac/<layer>`` =
+  saturated/numel of kind ``act``, ``weight_norm/<layer>`` = sqrt(sumsq) of kind ``weight``,
+  ``nonfinite/<layer>`` = nan+inf summed over all kinds.
+
+Everything is aligned on the steps of the ``loss`` scalar (missing values are NaN). Only
+the lowest rank present is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _col(table, name) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    if hasattr(col, "dictionary_decode"):
+        col = col.dictionary_decode()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _codes(table, name):
+    """(codes, labels) of a string or dictionary column."""
+    col = table.column(name).combine_chunks()
+    if hasattr(col, "indices") and hasattr(col, "dictionary"):
+        return col.indices.to_numpy(zero_copy_only=False), [
+            str(x) for x in col.dictionary.to_pylist()
+        ]
+    vals = np.asarray(col.to_pylist(), dtype=object)
+    labels, codes = np.unique(vals.astype(str), return_inverse=True)
+    return codes, list(labels)
+
+
+def _align(steps_all: np.ndarray, steps: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    out = np.full(steps_all.size, np.nan)
+    pos = np.searchsorted(steps_all, steps)
+    ok = (pos < steps_all.size) & (steps_all[np.minimum(pos, steps_all.size - 1)] == steps)
+    out[pos[ok]] = vals[ok]
+    return out
+
+
+def series_from_run(run):
+    scalars = getattr(run, "scalars", None)
+    if scalars is None:
+        raise ValueError("run: expected an object with a pyarrow Table attribute 'scalars'")
+    for c in ("step", "name", "value"):
+        if c not in scalars.column_names:
+            raise ValueError(f"run.scalars: missing column {c!r}")
+    step = _col(scalars, "step").astype(np.int64)
+    val = _col(scalars, "value").astype(np.float64)
+    codes, labels = _codes(scalars, "name")
+    keep = np.ones(step.size, dtype=bool)
+    if "rank" in scalars.column_names and step.size:
+        rank = _col(scalars, "rank")
+        keep = rank == rank.min()
+    by_name = {}
+    for k, lab in enumerate(labels):
+        sel = keep & (codes == k)
+        if sel.any():
+            s, v = step[sel], val[sel]
+            o = np.argsort(s, kind="stable")
+            by_name[lab] = (s[o], v[o])
+    if "loss" not in by_name:
+        raise ValueError("run.scalars: no 'loss' rows")
+    steps_all, loss = by_name["loss"]
+    steps_all, uniq = np.unique(steps_all, return_index=True)
+    loss = loss[uniq]
+    lr = None
+    lr_name = "lr/group0" if "lr/group0" in by_name else ("lr" if "lr" in by_name else None)
+    if lr_name:
+        lr = _align(steps_all, *by_name[lr_name])
+    series = {}
+    for name in ("grad_norm", "loss_scale"):
+        if name in by_name:
+            series[name] = _align(steps_all, *by_name[name])
+    layers = getattr(run, "layers", None)
+    if layers is not None and layers.num_rows:
+        series.update(_layer_series(layers, steps_all))
+    return steps_all, loss, lr, series
+
+
+def _layer_series(layers, steps_all):
+    need = (
+        "step",
+        "layer",
+        "kind",
+        "numel",
+        "nan",
+        "inf",
+        "saturated",
+        "units",
+        "dead_units",
+        "sumsq",
+    )
+    for c in need:
+        if c not in layers.column_names:
+            raise ValueError(f"run.layers: missing column {c!r}")
+    step = _col(layers, "step").astype(np.int64)
+    keep = np.ones(step.size, dtype=bool)
+    if "rank" in layers.column_names:
+        rank = _col(layers, "rank")
+        keep = rank == rank.min()
+    lcodes, lnames = _codes(layers, "layer")
+    kcodes, knames = _codes(layers, "kind")
+    cols = {c: _col(layers, c).astype(np.float64) for c in need[3:]}
+    out = {}
+    kind_idx = {k: i for i, k in enumerate(knames)}
+    n = steps_all.size
+    pos = np.searchsorted(steps_all, step)
+    ok = keep & (pos < n) & (steps_all[np.minimum(pos, n - 1)] == step)
+    nl = len(lnames)
+
+    def grid(mask, values):
+        g = np.full((nl, n), np.nan)
+        m = ok & mask
+        g[lcodes[m], pos[m]] = values[m]
+        return g
+
+    if "grad" in kind_idx:
+        g = grid(kcodes == kind_idx["grad"], np.sqrt(cols["sumsq"]))
+        for j, name in enumerate(lnames):
+            if np.isfinite(g[j]).any():
+                out[f"grad_norm/{name}"] = g[j]
+    if "act" in kind_idx:
+        m = kcodes == kind_idx["act"]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dead = np.where(cols["units"] > 0, cols["dead_units"] / cols["units"], np.nan)
+            sat = np.where(cols["numel"] > 0, cols["saturated"] / cols["numel"], np.nan)
+        gd, gs = grid(m, dead), grid(m, sat)
+        for j, name in enumerate(lnames):
+            if np.isfinite(gd[j]).any():
+                out[f"dead_frac/{name}"] = gd[j]
+            if np.isfinite(gs[j]).any():
+                out[f"sat_frac/{name}"] = gs[j]
+    if "weight" in kind_idx:
+        g = grid(kcodes == kind_idx["weight"], np.sqrt(cols["sumsq"]))
+        for j, name in enumerate(lnames):
+            if np.isfinite(g[j]).any():
+                out[f"weight_norm/{name}"] = g[j]
+    nf = np.zeros((nl, n))
+    m = ok
+    np.add.at(nf, (lcodes[m], pos[m]), cols["nan"][m] + cols["inf"][m])
+    for j, name in enumerate(lnames):
+        if nf[j].any():
+            out[f"nonfinite/{name}"] = nf[j]
+    return out
