@@ -32,6 +32,7 @@ from torchvitals.writer import RunWriter
 _ATTACHED = "_torchvitals_monitor"
 _SUMSQ = MOMENT_KEYS.index("sumsq")
 _NONFINITE = [COUNT_KEYS.index("nan"), COUNT_KEYS.index("inf")]
+_DEAD = COUNT_KEYS.index("dead_units")
 
 
 @dataclass
@@ -61,6 +62,8 @@ class _Batch:
     moments: torch.Tensor
     counts: torch.Tensor
     hist: torch.Tensor
+    # Rows measured on a Sigmoid/Tanh input: "never positive" means nothing there.
+    dead_undefined: list[bool] = field(default_factory=list)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -277,7 +280,7 @@ class Monitor:
         self._recording_acts = False
         self._acts_done = True
         stashed, self._stashed_acts = self._stashed_acts, []
-        names, tensors, dims, thresholds = [], [], [], []
+        names, tensors, dims, thresholds, of_input = [], [], [], [], []
         previous = None
         for spec, x in stashed:
             dim = feature_dim(spec, x.dim(), previous)
@@ -287,7 +290,8 @@ class Monitor:
             tensors.append(x)
             dims.append(dim)
             thresholds.append(spec.saturation)
-        self._reduce("act", names, tensors, dims, thresholds)
+            of_input.append(spec.of_input)
+        self._reduce("act", names, tensors, dims, thresholds, of_input)
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._collect_grads()
@@ -301,10 +305,12 @@ class Monitor:
         tensors: list[torch.Tensor],
         dims: list[int | None] | None = None,
         thresholds: list[float | None] | None = None,
+        dead_undefined: list[bool] | None = None,
     ) -> None:
         """One fused engine call per device (parameters may live on several)."""
         dims = dims or [None] * len(tensors)
         thresholds = thresholds or [None] * len(tensors)
+        dead_undefined = dead_undefined or [False] * len(tensors)
         by_device: dict[torch.device, list[int]] = {}
         for i, t in enumerate(tensors):
             by_device.setdefault(t.device, []).append(i)
@@ -314,7 +320,14 @@ class Monitor:
                 feature_dim=[dims[i] for i in idx],
                 saturation=[thresholds[i] for i in idx],
             )
-            batch = _Batch(kind, [names[i] for i in idx], moments, counts, hist)
+            batch = _Batch(
+                kind,
+                [names[i] for i in idx],
+                moments,
+                counts,
+                hist,
+                [dead_undefined[i] for i in idx],
+            )
             self._pending.append(batch)
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 # Hooks run once, at capture; every replay rewrites these outputs.
@@ -417,6 +430,7 @@ class Monitor:
         snapshot = HostSnapshot(tensors)
         step = self.step_count
         meta = [(b.kind, b.names) for b in batches]
+        dead_undefined = np.array([u for b in batches for u in b.dead_undefined], dtype=bool)
         device_names = list(device)
         cache: dict[str, dict] = {}
 
@@ -442,6 +456,7 @@ class Monitor:
             a = arrays()
             moments = np.concatenate([a[f"{i}.moments"] for i in range(len(meta))])
             counts = np.concatenate([a[f"{i}.counts"] for i in range(len(meta))])
+            counts[dead_undefined, _DEAD] = 0
             cols: dict[str, Any] = {
                 "step": step,
                 "layer": [n for _, names in meta for n in names],

@@ -1,0 +1,287 @@
+"""A self-contained HTML report of a run: loss and LR with event markers, per-layer
+heatmaps over steps, histogram evolution, and the events and worst layers as tables.
+
+Plots are rendered with matplotlib (Agg) and embedded as base64 PNG, so the file opens
+in any browser with no network and no other files. Every name that came from the run
+(layers, causes) is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from torchvitals.analysis import Event
+from torchvitals.analysis.runtables import series_from_run
+from torchvitals.histogram import hist_edges
+from torchvitals.run import Run
+
+MAX_COLUMNS = 800  # steps per heatmap column budget: long runs are block-averaged
+MAX_HEATMAP_LAYERS = 60
+EVENT_COLORS = {
+    "plateau": "#9e9e9e",
+    "kick_in": "#2e7d32",
+    "lr_drop": "#1565c0",
+    "divergence": "#c62828",
+    "spike": "#ef6c00",
+    "nonfinite": "#6a1b9a",
+}
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _block_mean(matrix: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Averages columns in blocks so that at most MAX_COLUMNS remain (NaN-aware)."""
+    n = matrix.shape[1]
+    if n <= MAX_COLUMNS:
+        return matrix, steps
+    starts = np.linspace(0, n, MAX_COLUMNS + 1).astype(int)[:-1]
+    finite = np.isfinite(matrix)
+    sums = np.add.reduceat(np.where(finite, matrix, 0.0), starts, axis=1)
+    counts = np.add.reduceat(finite, starts, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts, steps[starts]  # 0/0 leaves NaN where a block had no value
+
+
+WORST_COLUMNS = [
+    "layer",
+    "score",
+    "max_dead_frac",
+    "max_sat_frac",
+    "nonfinite",
+    "grad_norm_last",
+    "grad_norm_range",
+]
+
+
+def worst_layers(series: dict[str, np.ndarray], limit: int = 10) -> list[dict[str, object]]:
+    """Layers ranked by how unhealthy they look anywhere in the run."""
+    layers: dict[str, dict[str, float]] = {}
+    for key, values in series.items():
+        if "/" not in key or not np.isfinite(values).any():
+            continue
+        metric, layer = key.split("/", 1)
+        row = layers.setdefault(layer, {})
+        finite = values[np.isfinite(values)]
+        if metric in ("dead_frac", "sat_frac"):
+            row[f"max_{metric}"] = float(finite.max())
+        elif metric == "nonfinite":
+            row["nonfinite"] = float(finite.sum())
+        elif metric == "grad_norm":
+            row["grad_norm_last"] = float(finite[-1])
+            positive = finite[finite > 0]
+            if positive.size >= 2:
+                row["grad_norm_range"] = float(np.log10(positive.max() / positive.min()))
+    scored = []
+    for layer, row in layers.items():
+        score = (
+            row.get("max_dead_frac", 0.0)
+            + row.get("max_sat_frac", 0.0)
+            + (10.0 if row.get("nonfinite", 0.0) else 0.0)
+            + 0.2 * row.get("grad_norm_range", 0.0)
+        )
+        scored.append(
+            {"layer": layer, "score": round(score, 3), **{k: round(v, 4) for k, v in row.items()}}
+        )
+    scored.sort(key=lambda r: -r["score"])
+    return scored[:limit]
+
+
+def _loss_plot(step, loss, lr, events: Sequence[Event], metric: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    finite = np.isfinite(loss)
+    ax.plot(step[finite], loss[finite], lw=0.8, color="#37474f", label=metric)
+    if finite.any() and np.nanmin(loss[finite]) > 0:
+        ax.set_yscale("log")
+    for ev in events:
+        color = EVENT_COLORS.get(ev.kind)
+        if color is None or ev.step is None:
+            continue
+        end = ev.end_step if ev.end_step is not None else ev.step
+        if end > ev.step:
+            ax.axvspan(ev.step, end, color=color, alpha=0.15)
+        ax.axvline(ev.step, color=color, lw=1.2, ls="--")
+        ax.text(ev.step, 1.0, ev.kind, transform=ax.get_xaxis_transform(), rotation=90,
+                va="top", ha="right", fontsize=8, color=color)  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    if lr is not None and np.isfinite(lr).any():
+        ax2 = ax.twinx()
+        ax2.plot(step, lr, color="#1565c0", lw=1.0, alpha=0.7)
+        ax2.set_ylabel("learning rate", color="#1565c0")
+    ax.set_title(f"{metric} and learning rate, with detected events")
+    return _png(fig)
+
+
+def _heatmap(step, series: dict[str, np.ndarray], metric: str, title: str, log: bool) -> str | None:
+    import matplotlib.pyplot as plt
+
+    rows = [(k.split("/", 1)[1], v) for k, v in series.items() if k.startswith(metric + "/")]
+    rows = [(name, v) for name, v in rows if np.isfinite(v).any()]
+    if not rows:
+        return None
+    rows = rows[:MAX_HEATMAP_LAYERS]
+    matrix = np.stack([v for _, v in rows])
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            matrix = np.log10(np.where(matrix > 0, matrix, np.nan))
+    matrix, cols = _block_mean(matrix, step)
+    fig, ax = plt.subplots(figsize=(11, 0.25 * len(rows) + 1.5))
+    extent = (float(cols[0]), float(cols[-1]) + 1, len(rows) - 0.5, -0.5)
+    im = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="magma", extent=extent)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([name for name, _ in rows], fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=("log10 " if log else "") + metric)
+    return _png(fig)
+
+
+def _histogram_plot(run: Run, layer: str, kind: str) -> str | None:
+    import matplotlib.pyplot as plt
+
+    table = run.to_pandas("hist")
+    rows = table[(table["layer"] == layer) & (table["kind"] == kind)]
+    if rows.empty:
+        return None
+    counts = np.stack(rows["counts"].to_numpy()).astype(np.float64).T  # [bins, steps]
+    steps = rows["step"].to_numpy()
+    labels = hist_edges().labels
+    used = np.flatnonzero(counts.sum(axis=1) > 0)
+    lo, hi = used.min(), used.max()
+    matrix, cols = _block_mean(np.log10(1 + counts[lo : hi + 1]), steps)
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    extent = (float(cols[0]), float(cols[-1]) + 1, lo - 0.5, hi + 0.5)
+    im = ax.imshow(matrix, aspect="auto", origin="lower", cmap="viridis", extent=extent)
+    ticks = range(lo, hi + 1, max(1, (hi - lo) // 12))
+    ax.set_yticks(list(ticks))
+    ax.set_yticklabels([labels[t] for t in ticks], fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("|x| bin")
+    ax.set_title(f"histogram of log2|{kind}| for {layer}")
+    fig.colorbar(im, ax=ax, label="log10(1 + count)")
+    return _png(fig)
+
+
+def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def attribution_text(event: Event, top: int = 3) -> str:
+    """The first ``top`` attributed changes, e.g. ``fc1 grad_norm x4.2 (lead 12)``."""
+    parts = []
+    for layer, metric, change, lead in list(event.layers)[:top]:
+        parts.append(f"{layer} {metric} {change:+.2f} (lead {lead})")
+    return "; ".join(parts)
+
+
+EVENT_COLUMNS = ["kind", "step", "end_step", "severity", "layer", "cause", "attribution"]
+
+
+def event_rows(events: Sequence[Event]) -> list[dict[str, object]]:
+    rows = []
+    for ev in events:
+        rows.append(
+            {
+                "kind": ev.kind,
+                "step": ev.step,
+                "end_step": ev.end_step,
+                "severity": ev.severity,
+                "layer": ev.layer or "",
+                "cause": ev.cause,
+                "attribution": attribution_text(ev),
+            }
+        )
+    return rows
+
+
+def histogram_layers(run: Run, series: dict[str, np.ndarray], count: int = 3) -> list[str]:
+    """Layers whose gradient norm changed the most over the run."""
+    spans = []
+    for key, v in series.items():
+        if key.startswith("grad_norm/"):
+            positive = v[np.isfinite(v) & (v > 0)]
+            if positive.size >= 2:
+                spans.append((math.log10(positive.max() / positive.min()), key.split("/", 1)[1]))
+    return [name for _, name in sorted(spans, reverse=True)[:count]]
+
+
+def write_report(
+    run: Run,
+    events: Sequence[Event],
+    out: str | Path,
+    *,
+    layers: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Writes the HTML report for ``run`` to ``out`` and returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    say = progress or (lambda _: None)
+    step, loss, lr, series = series_from_run(run)
+    sections = []
+    say("loss curve")
+    sections.append(("Loss and learning rate", _loss_plot(step, loss, lr, events, "loss")))
+    for metric, title, log in (
+        ("grad_norm", "Gradient norm per layer", True),
+        ("dead_frac", "Dead-unit fraction per layer", False),
+        ("sat_frac", "Saturation fraction per layer", False),
+    ):
+        say(title)
+        sections.append((title, _heatmap(step, series, metric, title, log)))
+    for layer in layers or histogram_layers(run, series):
+        say(f"histogram {layer}")
+        sections.append((f"Histogram evolution: {layer}", _histogram_plot(run, layer, "grad")))
+
+    figures = "".join(
+        f"<h2>{html.escape(title)}</h2>"
+        f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
+        for title, png in sections
+        if png is not None
+    )
+    event_table = _table(event_rows(events), EVENT_COLUMNS)
+    worst = worst_layers(series)
+    worst_columns = WORST_COLUMNS
+    title = html.escape(f"torchvitals report: {run.path}")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>{len(step)} steps, {len({k.split("/", 1)[1] for k in series if "/" in k})} layers,
+ranks {html.escape(str(run.ranks))}.</p>
+<h2>Events</h2>{event_table}
+<h2>Worst layers</h2>{_table(worst, worst_columns)}
+{figures}
+</body></html>
+"""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -1,0 +1,36 @@
+"""The terminal summary of a run: events and worst layers as rich tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from torchvitals.analysis import Event
+from torchvitals.report import EVENT_COLUMNS, WORST_COLUMNS, event_rows, worst_layers
+
+SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
+
+
+def _rich_table(
+    title: str, rows: list[dict[str, object]], columns: list[str], style_key=None
+) -> Table:
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        style = SEVERITY_STYLE.get(str(r.get(style_key, ""))) if style_key else None
+        table.add_row(*(str(r.get(c, "")) for c in columns), style=style)
+    return table
+
+
+def print_summary(
+    events: Sequence[Event], series: dict[str, np.ndarray], console: Console | None = None
+) -> None:
+    console = console or Console()
+    # The attribution is in each cause already; the HTML report has it as a column.
+    columns = [c for c in EVENT_COLUMNS if c != "attribution"]
+    console.print(_rich_table(f"{len(events)} events", event_rows(events), columns, "severity"))
+    console.print(_rich_table("Worst layers", worst_layers(series), WORST_COLUMNS))
