@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +29,7 @@ import pyarrow.compute as pc
 
 from .schema import SCHEMA_VERSION, SCHEMAS, conform, empty_table
 
-__all__ = ["load_run", "Run", "SegmentRecovery", "SchemaVersionError", "concat_ranks", "MergeFn"]
+__all__ = ["MergeFn", "Run", "SchemaVersionError", "SegmentRecovery", "concat_ranks", "load_run"]
 
 _MANIFEST_RE = re.compile(r"^manifest\.rank(?P<rank>\d+)\.json$")
 _SEG_RE = re.compile(r"^(?P<table>[A-Za-z0-9_]+)\.rank(?P<rank>\d+)\.(?P<seg>\d+)\.arrows$")
@@ -55,7 +54,9 @@ class SegmentRecovery:
     error: str  #: what stopped the reader
 
 
-def concat_ranks(name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]) -> pa.Table:
+def concat_ranks(
+    name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]
+) -> pa.Table:
     """Default merge: concatenate all ranks, stable-sorted by ``(step, rank)``."""
     tables = [per_rank[r] for r in sorted(per_rank)]
     if not tables:
@@ -66,6 +67,13 @@ def concat_ranks(name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping
     return t.unify_dictionaries().combine_chunks()
 
 
+def _newer_message(path: Path, version: int) -> str:
+    return (
+        f"{path}: written with torchvitals schema version {version}, newer than the newest "
+        f"version this torchvitals can read ({SCHEMA_VERSION}); upgrade torchvitals to read it"
+    )
+
+
 def _read_manifest(path: Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
@@ -73,15 +81,17 @@ def _read_manifest(path: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a valid torchvitals manifest (not JSON: {exc})") from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a valid torchvitals manifest (expected a JSON object, got {type(obj).__name__})")
+        raise ValueError(
+            f"{path}: not a valid torchvitals manifest "
+            f"(expected a JSON object, got {type(obj).__name__})"
+        )
     version = obj.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"{path}: not a valid torchvitals manifest (schema_version missing or not an integer)")
-    if version > SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"{path}: written with torchvitals schema version {version}, newer than the newest "
-            f"version this torchvitals can read ({SCHEMA_VERSION}); upgrade torchvitals to read this run"
+        raise ValueError(
+            f"{path}: not a valid torchvitals manifest (schema_version missing or not an integer)"
         )
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(_newer_message(path, version))
     return obj
 
 
@@ -97,10 +107,7 @@ def _read_segment(path: Path, table: str, rank: int) -> tuple[pa.Table, SegmentR
             meta = schema.metadata or {}
             v = meta.get(b"torchvitals.schema_version")
             if v is not None and v.isdigit() and int(v) > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"{path}: written with torchvitals schema version {int(v)}, newer than the newest "
-                    f"version this torchvitals can read ({SCHEMA_VERSION}); upgrade torchvitals to read this run"
-                )
+                raise SchemaVersionError(_newer_message(path, int(v)))
             while True:
                 try:
                     batches.append(reader.read_next_batch())
@@ -119,7 +126,9 @@ def _read_segment(path: Path, table: str, rank: int) -> tuple[pa.Table, SegmentR
             batches = []
     if error is None:
         return table_data, None
-    rec = SegmentRecovery(str(path), table, rank, len(batches), table_data.num_rows if batches else 0, error)
+    rec = SegmentRecovery(
+        str(path), table, rank, len(batches), table_data.num_rows if batches else 0, error
+    )
     return table_data, rec
 
 
@@ -182,7 +191,10 @@ class Run:
         return sorted(pc.unique(names).to_pylist())
 
     def scalar(self, name: str, rank: int | None = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(steps, values)`` of scalar ``name`` for ``rank`` (``None``: all ranks, by step then rank)."""
+        """``(steps, values)`` of scalar ``name`` for ``rank``.
+
+        ``rank=None``: all ranks, ordered by step then rank.
+        """
         t = self.scalars
         mask = pc.equal(t.column("name").cast(pa.string()), name)
         if rank is not None:
@@ -242,7 +254,8 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
         parts[table].setdefault(rank, []).append(data)
 
     per_rank = {
-        t: {r: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for r, ts in ranks.items()} for t, ranks in parts.items()
+        t: {r: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for r, ts in ranks.items()}
+        for t, ranks in parts.items()
     }
     merge_fn = merge or concat_ranks
     tables = {t: merge_fn(t, per_rank[t], manifests) for t in SCHEMAS}

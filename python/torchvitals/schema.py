@@ -15,18 +15,18 @@ from __future__ import annotations
 import pyarrow as pa
 
 __all__ = [
+    "DICT_STRING",
+    "DROPPED_SCALAR",
+    "HIST",
+    "LAYERS",
+    "REQUIRED",
+    "SCALARS",
+    "SCHEMAS",
     "SCHEMA_VERSION",
     "TABLES",
-    "SCHEMAS",
-    "REQUIRED",
-    "DICT_STRING",
-    "SCALARS",
-    "LAYERS",
-    "HIST",
-    "DROPPED_SCALAR",
-    "schema_for",
-    "empty_table",
     "conform",
+    "empty_table",
+    "schema_for",
 ]
 
 #: Version of the on-disk layout (tables, columns, manifest keys).
@@ -100,7 +100,9 @@ def schema_for(table: str) -> pa.Schema:
     try:
         return SCHEMAS[table]
     except KeyError:
-        raise KeyError(f"unknown torchvitals table {table!r}; known tables: {', '.join(TABLES)}") from None
+        raise KeyError(
+            f"unknown torchvitals table {table!r}; known tables: {', '.join(TABLES)}"
+        ) from None
 
 
 def empty_table(table: str) -> pa.Table:
@@ -135,7 +137,8 @@ def conform(table: str, data: pa.Table | pa.RecordBatch) -> pa.Table:
                 col = col.cast(field.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ValueError(
-                    f"{table}: column {field.name!r} has type {col.type}, expected {field.type}: {exc}"
+                    f"{table}: column {field.name!r} has type {col.type}, "
+                    f"expected {field.type}: {exc}"
                 ) from exc
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=schema)

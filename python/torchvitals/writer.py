@@ -17,6 +17,7 @@ Layout (one set of files per rank)::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -34,7 +35,7 @@ import pyarrow as pa
 
 from .schema import DICT_STRING, DROPPED_SCALAR, REQUIRED, SCHEMA_VERSION, SCHEMAS
 
-__all__ = ["RunWriter", "segment_name", "manifest_name", "write_json_atomic"]
+__all__ = ["RunWriter", "manifest_name", "segment_name", "write_json_atomic"]
 
 Columns = Mapping[str, Any]
 
@@ -78,10 +79,8 @@ def write_json_atomic(path: str, obj: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -100,20 +99,33 @@ def _to_numpy(value: Any) -> Any:
     return value
 
 
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, (str, bytes, int, float, bool, np.generic)) or value is None or np.ndim(value) == 0
+_PY_SCALARS = (int, float, str, bool, np.generic, type(None))
+_STR, _LIST = "str", "list"
+
+
+def _column_kind(t: pa.DataType) -> Any:
+    if t == DICT_STRING:
+        return _STR
+    if pa.types.is_list(t):
+        return _LIST
+    return np.dtype(t.to_pandas_dtype())
 
 
 class _TableBuilder:
-    """Accumulates the columns of many submitted items of one table."""
+    """Accumulates the columns of many submitted items of one table.
+
+    Per column, ``parts`` is a list of chunks in submission order: a Python list
+    (consecutive scalar/broadcast values), a numpy array, or for list columns a
+    ``(lengths, flat_values, valid)`` triple. ``build`` turns them into one batch.
+    """
 
     def __init__(self, table: str, rank: int):
         self.table = table
         self.schema = SCHEMAS[table]
         self.rank = rank
         self.required = REQUIRED[table]
-        self.names = self.schema.names
-        self.parts: dict[str, list[Any]] = {n: [] for n in self.names}
+        self.kinds = {f.name: _column_kind(f.type) for f in self.schema}
+        self.parts: dict[str, list[Any]] = {n: [] for n in self.kinds}
         self.items = 0
         self.rows = 0
         self.max_step: int | None = None
@@ -122,124 +134,183 @@ class _TableBuilder:
         """Validate and convert one item; nothing is kept if it raises."""
         if not isinstance(cols, Mapping):
             raise TypeError(f"{self.table}: columns must be a mapping, got {type(cols).__name__}")
-        unknown = [k for k in cols if k not in self.parts]
-        if unknown:
-            raise ValueError(f"{self.table}: unknown column(s) {unknown}; schema has {self.names}")
-        missing = [k for k in self.required if k not in cols]
-        if missing:
-            raise ValueError(f"{self.table}: missing required column(s) {missing}")
-        values = {k: _to_numpy(v) for k, v in cols.items()}
-        values.setdefault("rank", self.rank)
-        # number of rows: the common length of the non-scalar columns
+        kinds = self.kinds
+        for k in self.required:
+            if k not in cols:
+                missing = [c for c in self.required if c not in cols]
+                raise ValueError(f"{self.table}: missing required column(s) {missing}")
+        values: dict[str, Any] = {}
         n = None
-        for k, v in values.items():
-            if self.schema.field(k).type == pa.list_(pa.int64()):
-                length = self._list_rows(v)
-            elif _is_scalar(v):
+        for k, v in cols.items():
+            kind = kinds.get(k)
+            if kind is None:
+                unknown = [c for c in cols if c not in kinds]
+                raise ValueError(
+                    f"{self.table}: unknown column(s) {unknown}; schema has {list(kinds)}"
+                )
+            if kind is _LIST:
+                v = self._list_value(k, _to_numpy(v))
+                length = len(v[0])
+            elif isinstance(v, _PY_SCALARS):
+                values[k] = v
                 continue
             else:
+                v = _to_numpy(v)
+                if kind is _STR:
+                    if isinstance(v, np.ndarray) and v.ndim == 0:
+                        values[k] = v.item()
+                        continue
+                    v = [x if isinstance(x, str) else str(x) for x in v]
+                else:
+                    v = np.asarray(v, dtype=kind)
+                    if v.ndim == 0:
+                        values[k] = v.item()
+                        continue
+                    v = v.reshape(-1)
                 length = len(v)
+            values[k] = v
             if n is None:
                 n = length
-            elif length != n and length is not None:
+            elif length != n:
                 raise ValueError(f"{self.table}: column {k!r} has {length} rows, expected {n}")
         n = 1 if n is None else n
+        if "rank" not in values:
+            values["rank"] = self.rank
+        # convert every scalar (broadcast) now, so that build() cannot fail on this item
         converted: dict[str, Any] = {}
-        for field in self.schema:
-            name = field.name
-            if name not in values:
-                converted[name] = ("null", n)
-                continue
-            converted[name] = self._convert(field, values[name], n)
+        for k, kind in kinds.items():
+            v = values.get(k)
+            if kind is _LIST:
+                converted[k] = v if v is not None else (np.zeros(n, np.int64), _EMPTY_I64, False)
+            elif isinstance(v, (list, np.ndarray)):
+                converted[k] = v
+            elif v is None:
+                converted[k] = [None] * n
+            elif kind is _STR:
+                converted[k] = [v if isinstance(v, str) else str(v)] * n
+            elif kind.kind == "f":
+                converted[k] = [float(v)] * n
+            else:
+                converted[k] = [int(v)] * n
         if n:
-            steps = converted["step"]
-            s = int(steps.max())
+            step = converted["step"]
+            s = int(step.max()) if isinstance(step, np.ndarray) else step[0]
+            if s is None:
+                raise ValueError(f"{self.table}: step must not be None")
             self.max_step = s if self.max_step is None else max(self.max_step, s)
-        for name, part in converted.items():
-            self.parts[name].append(part)
+        parts = self.parts
+        for k, v in converted.items():
+            p = parts[k]
+            if isinstance(v, list) and p and isinstance(p[-1], list):
+                p[-1].extend(v)
+            else:
+                p.append(list(v) if isinstance(v, list) else v)
         self.items += 1
         self.rows += n
 
-    @staticmethod
-    def _list_rows(v: Any) -> int | None:
-        if isinstance(v, np.ndarray):
-            return 1 if v.ndim == 1 else len(v)
+    def _list_value(self, k: str, v: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``(lengths, flat values, valid)`` of a list column: 2-D array = rows, 1-D = one row."""
+        if isinstance(v, np.ndarray) or (
+            isinstance(v, (list, tuple)) and all(isinstance(x, _PY_SCALARS) for x in v)
+        ):
+            arr = np.asarray(v, dtype=np.int64)
+            if arr.ndim == 1:
+                arr = arr[None, :]
+            if arr.ndim != 2:
+                raise ValueError(f"{self.table}: column {k!r} must be 1-D (one row) or 2-D (rows)")
+            return np.full(arr.shape[0], arr.shape[1], dtype=np.int64), arr.reshape(-1), True
         if isinstance(v, (list, tuple)):
-            if len(v) and all(_is_scalar(x) for x in v):
-                return 1  # one row given as a flat list of numbers
-            return len(v)
-        raise TypeError(f"list column needs a numpy array, tensor or list, got {type(v).__name__}")
-
-    def _convert(self, field: pa.Field, v: Any, n: int) -> Any:
-        t = field.type
-        if t == DICT_STRING:
-            if isinstance(v, (str, bytes)) or v is None or (isinstance(v, np.ndarray) and v.ndim == 0):
-                return ("str", [v.item() if isinstance(v, np.ndarray) else v] * n)
-            return ("str", [x if isinstance(x, str) else str(x) for x in v])
-        if pa.types.is_list(t):
-            arr = np.asarray(v, dtype=np.int64) if not isinstance(v, (list, tuple)) or self._list_rows(v) == 1 else None
-            if arr is not None:
-                if arr.ndim == 1:
-                    arr = arr[None, :]
-                if arr.ndim != 2:
-                    raise ValueError(f"{self.table}: column {field.name!r} must be 1-D or 2-D")
-                lengths = np.full(arr.shape[0], arr.shape[1], dtype=np.int64)
-                return ("list", lengths, arr.reshape(-1))
-            rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in v]
+            rows = [np.asarray(_to_numpy(r), dtype=np.int64).reshape(-1) for r in v]
             lengths = np.array([len(r) for r in rows], dtype=np.int64)
-            flat = np.concatenate(rows) if rows else np.empty(0, np.int64)
-            return ("list", lengths, flat)
-        dtype = t.to_pandas_dtype()
-        arr = np.asarray(v, dtype=dtype)
-        if arr.ndim == 0:
-            return np.full(n, arr, dtype=dtype)
-        if arr.ndim != 1:
-            arr = arr.reshape(-1)
-        return arr
+            flat = np.concatenate(rows) if rows else _EMPTY_I64
+            return lengths, flat, True
+        raise TypeError(
+            f"{self.table}: column {k!r} needs an array, tensor or list of rows, "
+            f"got {type(v).__name__}"
+        )
 
     def build(self) -> pa.RecordBatch:
         arrays = []
         for field in self.schema:
             parts = self.parts[field.name]
             t = field.type
-            if t == DICT_STRING:
-                vals: list[Any] = []
-                for p in parts:
-                    vals.extend(p[1] if isinstance(p, tuple) and p[0] == "str" else [None] * p[1])
-                arrays.append(pa.array(vals, type=t))
-            elif pa.types.is_list(t):
-                lengths, flats, valid = [], [], []
-                for p in parts:
-                    if p[0] == "null":
-                        lengths.append(np.zeros(p[1], np.int64))
-                        valid.append(np.zeros(p[1], bool))
-                    else:
-                        lengths.append(p[1])
-                        flats.append(p[2])
-                        valid.append(np.ones(len(p[1]), bool))
-                lens = np.concatenate(lengths)
+            if self.kinds[field.name] is _LIST:
+                lens = np.concatenate([p[0] for p in parts])
                 offsets = np.zeros(len(lens) + 1, dtype=np.int32)  # list<> has int32 offsets
                 np.cumsum(lens, out=offsets[1:])
-                flat = np.concatenate(flats) if flats else np.empty(0, np.int64)
-                mask = np.concatenate(valid)
-                arr = pa.ListArray.from_arrays(
-                    pa.array(offsets), pa.array(flat, type=pa.int64()), mask=None if mask.all() else pa.array(~mask)
+                flat = np.concatenate([p[1] for p in parts])
+                mask = None
+                if not all(p[2] for p in parts):
+                    mask = pa.array(np.concatenate([np.full(len(p[0]), not p[2]) for p in parts]))
+                arrays.append(
+                    pa.ListArray.from_arrays(
+                        pa.array(offsets), pa.array(flat, type=pa.int64()), mask=mask
+                    )
                 )
-                arrays.append(arr)
+            elif len(parts) == 1:
+                arrays.append(pa.array(parts[0], type=t))
+            elif self.kinds[field.name] is not _STR and all(
+                isinstance(p, np.ndarray) for p in parts
+            ):
+                arrays.append(pa.array(np.concatenate(parts), type=t))
             else:
-                if all(isinstance(p, np.ndarray) for p in parts):
-                    arrays.append(pa.array(np.concatenate(parts) if len(parts) != 1 else parts[0], type=t))
-                else:  # some items omitted this column: ("null", n) parts
-                    chunks = [pa.nulls(p[1], t) if isinstance(p, tuple) else pa.array(p, type=t) for p in parts]
-                    arrays.append(pa.concat_arrays(chunks))
+                flat_list: list[Any] = []
+                for p in parts:
+                    flat_list.extend(p.tolist() if isinstance(p, np.ndarray) else p)
+                arrays.append(pa.array(flat_list, type=t))
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+_EMPTY_I64 = np.empty(0, np.int64)
+_WARM = threading.Lock()
+_warmed = False
+
+
+def _warm_up() -> None:
+    """Exercise every conversion once, early, on the writer thread.
+
+    pyarrow initialises lazily (``pa.array`` imports pandas when it is installed);
+    done for the first time during interpreter shutdown (the atexit drain), that
+    fails with "can't register atexit after shutdown". Paying it at start avoids it.
+    """
+    global _warmed
+    with _WARM:
+        if _warmed:
+            return
+        samples = {
+            "scalars": [
+                {"step": 0, "name": "x", "value": 0.0},
+                {"step": [1], "name": ["y"], "value": [1]},
+            ],
+            "layers": [
+                {
+                    "step": 0,
+                    "layer": ["x"],
+                    "kind": "x",
+                    "numel": np.zeros(1, np.int64),
+                    "sum": [0.0],
+                }
+            ],
+            "hist": [
+                {"step": 0, "layer": "x", "kind": "x", "counts": np.zeros((1, 2), np.int64)},
+                {"step": 1, "layer": "x", "kind": "x"},
+            ],
+        }
+        for table, items in samples.items():
+            b = _TableBuilder(table, 0)
+            for item in items:
+                b.add(item)
+            batch = b.build()
+            with pa.ipc.new_stream(pa.BufferOutputStream(), batch.schema) as w:
+                w.write_batch(batch)
+        _warmed = True
 
 
 # --------------------------------------------------------------------------- writer
 
 
 class _Segment:
-    __slots__ = ("path", "file", "writer")
+    __slots__ = ("file", "path", "writer")
 
     def __init__(self, path: str, schema: pa.Schema):
         self.path = path
@@ -265,10 +336,8 @@ _SEG_RE = re.compile(r"^(?P<table>[A-Za-z0-9_]+)\.rank(?P<rank>\d+)\.(?P<seg>\d+
 @atexit.register
 def _close_all_at_exit() -> None:  # pragma: no cover - exercised by the crash tests' subprocess
     for w in list(_LIVE):
-        try:
+        with contextlib.suppress(Exception):
             w.close(timeout=5.0)
-        except Exception:
-            pass
 
 
 class RunWriter:
@@ -352,11 +421,13 @@ class RunWriter:
             self._scan_existing_segments()
             write_json_atomic(self._manifest_path, self._manifest)
         except OSError as exc:
-            self._fail_io(exc, self._manifest_path)
+            self._fail_io(exc, self._manifest_path, writer_thread=False)
             if self.strict:
                 self._pending_exc = None
                 raise
-        self._thread = threading.Thread(target=self._run, name=f"torchvitals-writer-rank{self.rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"torchvitals-writer-rank{self.rank}", daemon=True
+        )
         if self._broken is None:
             self._thread.start()
         _LIVE.add(self)
@@ -371,7 +442,9 @@ class RunWriter:
         callable is called on the writer thread.
         """
         if table not in SCHEMAS:
-            raise ValueError(f"unknown torchvitals table {table!r}; known tables: {', '.join(SCHEMAS)}")
+            raise ValueError(
+                f"unknown torchvitals table {table!r}; known tables: {', '.join(SCHEMAS)}"
+            )
         if self._pending_exc is not None:
             self._raise_pending()
         cond = self._cond
@@ -384,10 +457,15 @@ class RunWriter:
                 if self.on_full == "drop":
                     self.dropped += 1
                     return False
-                while len(queue) >= self.max_pending and not self._closing and self._broken is None:
+                while (
+                    len(queue) >= self.max_pending
+                    and not self._closing
+                    and self._broken is None
+                    and self._thread.is_alive()
+                ):
                     cond.notify_all()
                     cond.wait(0.1)
-                if self._broken is not None or self._closing:
+                if self._broken is not None or self._closing or len(queue) >= self.max_pending:
                     self.dropped += 1
                     return False
             queue.append((table, columns))
@@ -413,7 +491,7 @@ class RunWriter:
             self._raise_pending()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Drain the queue (up to ``timeout`` seconds), close the segments, finalize the manifest."""
+        """Drain the queue (up to ``timeout`` s), close the segments, finalize the manifest."""
         if self._closed:
             if self._pending_exc is not None:
                 self._raise_pending()
@@ -443,7 +521,7 @@ class RunWriter:
             try:
                 write_json_atomic(self._manifest_path, m)
             except OSError as exc:
-                self._fail_io(exc, self._manifest_path)
+                self._fail_io(exc, self._manifest_path, writer_thread=False)
         if self._pending_exc is not None:
             self._raise_pending()
 
@@ -470,6 +548,8 @@ class RunWriter:
     # ------------------------------------------------------------------ writer thread
 
     def _run(self) -> None:
+        with contextlib.suppress(Exception):  # a real problem resurfaces on the first item
+            _warm_up()
         cond = self._cond
         next_flush = time.monotonic() + self.flush_interval
         while True:
@@ -488,8 +568,8 @@ class RunWriter:
                         cond.notify_all()
                         continue
                     cond.wait(max(0.0, next_flush - time.monotonic()) if self._queue else None)
-                items = self._queue
-                self._queue = deque()
+                items = list(self._queue)
+                self._queue.clear()  # same deque object: submit() may hold a reference
                 seq = self._enq_seq
                 closing = self._closing
                 cond.notify_all()  # wake submitters blocked on a full queue
@@ -508,7 +588,7 @@ class RunWriter:
             self._done_seq = self._enq_seq
             cond.notify_all()
 
-    def _process(self, items: deque[tuple[str, Any]]) -> None:
+    def _process(self, items: list[tuple[str, Any]]) -> None:
         if self._broken is not None:
             with self._cond:
                 self.dropped += len(items)
@@ -527,31 +607,34 @@ class RunWriter:
             if b.max_step is not None:
                 self._max_step = max(self._max_step, b.max_step)
         dropped = self.dropped
+        synthetic = 0  # the torchvitals/dropped row is not a submitted item
         if dropped != self._dropped_recorded:
             b = builders.get("scalars")
             if b is None:
                 b = builders["scalars"] = _TableBuilder("scalars", self.rank)
             b.add({"step": self._max_step, "name": DROPPED_SCALAR, "value": float(dropped)})
             self._dropped_recorded = dropped
+            synthetic = 1
         touched = []
         for table, b in builders.items():
+            lost = b.items - (synthetic if table == "scalars" else 0)  # items lost on failure
             if not b.items:
                 continue
             try:
                 batch = b.build()
             except Exception as exc:
-                self._item_error(exc, table, b.items)
+                self._item_error(exc, table, lost)
                 continue
             if self._broken is not None:
                 with self._cond:
-                    self.dropped += b.items
+                    self.dropped += lost
                 continue
             try:
                 self._write_batch(table, batch)
             except (OSError, pa.ArrowException) as exc:
                 self._fail_io(exc, self._segment_path(table))
                 with self._cond:
-                    self.dropped += b.items
+                    self.dropped += lost
                 continue
             self.rows_written[table] += batch.num_rows
             touched.append(table)
@@ -578,7 +661,9 @@ class RunWriter:
         seg = self._segments.get(table)
         if seg is None:
             n = self._next_seg.get(table, 0)
-            seg = _Segment(os.path.join(self.path, segment_name(table, self.rank, n)), SCHEMAS[table])
+            seg = _Segment(
+                os.path.join(self.path, segment_name(table, self.rank, n)), SCHEMAS[table]
+            )
             self._next_seg[table] = n + 1
             self._segments[table] = seg
         seg.writer.write_batch(batch)
@@ -592,7 +677,7 @@ class RunWriter:
                 self._fail_io(exc, seg.path)
 
     def _scan_existing_segments(self) -> None:
-        """Continue numbering after segments a previous process left in ``path`` (never overwrite)."""
+        """Number new segments after those a previous process left in ``path``: never overwrite."""
         for name in os.listdir(self.path):
             m = _SEG_RE.match(name)
             if m and int(m["rank"]) == self.rank and m["table"] in SCHEMAS:
@@ -601,7 +686,8 @@ class RunWriter:
 
     # ------------------------------------------------------------------ faults
 
-    def _fail_io(self, exc: BaseException, where: str) -> None:
+    def _fail_io(self, exc: BaseException, where: str, *, writer_thread: bool = True) -> None:
+        """Record an I/O failure; the first one disables writing (and warns once)."""
         with self._cond:
             self.write_errors += 1
             first = self._broken is None
@@ -610,12 +696,10 @@ class RunWriter:
                 self._cond.notify_all()
             if self.strict and self._pending_exc is None and first:
                 self._pending_exc = exc
-        if first:
+        if first and writer_thread:  # only the writer thread owns the segment files
             for seg in list(self._segments.values()):
-                try:
+                with contextlib.suppress(Exception):
                     seg.file.close()
-                except Exception:
-                    pass
             self._segments.clear()
         if first and not self.strict and not self._warned_io:
             self._warned_io = True
@@ -635,7 +719,8 @@ class RunWriter:
         if not self.strict and not self._warned_item:
             self._warned_item = True
             warnings.warn(
-                f"torchvitals: dropped a {table!r} batch for {self.path}: {type(exc).__name__}: {exc} "
+                f"torchvitals: dropped a {table!r} batch for {self.path}: "
+                f"{type(exc).__name__}: {exc} "
                 "(further failing batches are only counted in RunWriter.write_errors)",
                 RuntimeWarning,
                 stacklevel=2,

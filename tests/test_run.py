@@ -1,0 +1,232 @@
+"""load_run: errors, recovery of damaged segments, old schemas, and the docs' snippets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from torchvitals.run import SchemaVersionError, load_run
+from torchvitals.schema import SCHEMA_VERSION, SCHEMAS
+from torchvitals.writer import RunWriter
+
+DOCS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "schema.md"
+)
+
+
+def write_run(path, steps=6, flush_each_step=True):
+    """One record batch per step and table (a flush after every step); returns segment sizes."""
+    sizes = []
+    with RunWriter(path, manifest={"world_size": 1}) as w:
+        for step in range(steps):
+            w.submit(
+                "scalars",
+                {"step": step, "name": ["loss", "lr/group0"], "value": [1.0 / (step + 1), 0.1]},
+            )
+            w.submit(
+                "layers",
+                {
+                    "step": step,
+                    "layer": ["fc1", "fc2"],
+                    "kind": "grad",
+                    "numel": [10, 20],
+                    "sumsq": np.array([4.0, 9.0]) * (step + 1),
+                },
+            )
+            w.submit(
+                "hist",
+                {
+                    "step": step,
+                    "layer": ["fc1", "fc2"],
+                    "kind": "grad",
+                    "counts": np.eye(2, 4, dtype=np.int64),
+                },
+            )
+            if flush_each_step:
+                w.flush()
+                sizes.append(os.path.getsize(os.path.join(path, "scalars.rank0.000000.arrows")))
+    return sizes
+
+
+def load_quiet(path):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        run = load_run(path)
+    return run, [str(r.message) for r in rec if "torchvitals" in str(r.message)]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    path = str(tmp_path / "run")
+    write_run(path)
+    return path
+
+
+def test_docs_snippets_run(run_dir):
+    """Every ```python block of docs/schema.md runs against a real run."""
+    text = Path(DOCS).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 5
+    ns = {"run_dir": run_dir}
+    for block in blocks:
+        exec(compile(block, DOCS, "exec"), ns)
+    assert ns["scalars"].num_rows == 12  # pyarrow
+    assert ns["grad_norm"].height == 12  # polars
+    assert ns["loss"].index.tolist() == list(range(6))  # pandas
+    assert ns["top"] == [("loss", 1.0), ("lr/group0", 0.1)]  # duckdb over a stream reader
+    assert ns["rows"] == [(6,)]  # duckdb over load_run's table
+    assert ns["steps"].tolist() == list(range(6))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"run directory not found: .*nope"):
+        load_run(tmp_path / "nope")
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(NotADirectoryError, match="file"):
+        load_run(f)
+
+
+def test_no_manifest(tmp_path):
+    (tmp_path / "scalars.rank0.000000.arrows").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no manifest\.rank\*\.json"):
+        load_run(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"rank": 0}', "schema_version missing"),
+        (b"\xff\xfe\x00garbage", "not JSON"),
+    ],
+)
+def test_bad_manifest(run_dir, content, match):
+    p = os.path.join(run_dir, "manifest.rank0.json")
+    with open(p, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ValueError, match=match) as ei:
+        load_run(run_dir)
+    assert p in str(ei.value)
+
+
+def test_newer_schema_version_in_manifest(run_dir):
+    p = os.path.join(run_dir, "manifest.rank0.json")
+    m = json.loads(Path(p).read_text())
+    m["schema_version"] = SCHEMA_VERSION + 1
+    Path(p).write_text(json.dumps(m))
+    with pytest.raises(SchemaVersionError) as ei:
+        load_run(run_dir)
+    msg = str(ei.value)
+    assert p in msg and f"version {SCHEMA_VERSION + 1}" in msg and f"({SCHEMA_VERSION})" in msg
+    assert isinstance(ei.value, ValueError)
+
+
+def test_newer_schema_version_in_segment(run_dir):
+    path = os.path.join(run_dir, "scalars.rank0.000001.arrows")
+    schema = SCHEMAS["scalars"].with_metadata(
+        {b"torchvitals.schema_version": str(SCHEMA_VERSION + 1).encode()}
+    )
+    with pa.ipc.new_stream(path, schema) as w:
+        w.write_table(schema.empty_table())
+    with pytest.raises(SchemaVersionError, match=re.escape(path)):
+        load_run(run_dir)
+
+
+def test_truncated_segment_mid_batch(tmp_path):
+    path = str(tmp_path / "run")
+    sizes = write_run(path)  # sizes[k]: file size after k+1 batches
+    seg = os.path.join(path, "scalars.rank0.000000.arrows")
+    data = Path(seg).read_bytes()
+    cut = (sizes[3] + sizes[4]) // 2  # inside the 5th batch
+    Path(seg).write_bytes(data[:cut])
+    run, msgs = load_quiet(path)
+    assert (
+        len(msgs) == 1
+        and seg in msgs[0]
+        and "recovered 4 complete record batch(es), 8 row(s)" in msgs[0]
+    )
+    (rec,) = run.recovery
+    assert (rec.file, rec.table, rec.rank, rec.batches, rec.rows) == (seg, "scalars", 0, 4, 8)
+    steps, _ = run.scalar("loss")
+    assert steps.tolist() == [0, 1, 2, 3]
+    assert run.layers.num_rows == 12  # other tables untouched
+
+    # cut exactly at a batch boundary (killed between writes, no end-of-stream marker): clean
+    Path(seg).write_bytes(data[: sizes[2]])
+    run, msgs = load_quiet(path)
+    assert msgs == [] and run.recovery == [] and run.scalar("loss")[0].tolist() == [0, 1, 2]
+
+
+def test_garbage_and_empty_segments(run_dir):
+    garbage = os.path.join(run_dir, "layers.rank0.000001.arrows")
+    Path(garbage).write_bytes(np.random.default_rng(7).bytes(3000))
+    empty = os.path.join(run_dir, "hist.rank0.000001.arrows")
+    Path(empty).write_bytes(b"")
+    Path(run_dir, "notes.txt").write_text("ignored")
+    Path(run_dir, "other.rank0.000000.arrows").write_bytes(b"unknown table")
+    run, msgs = load_quiet(run_dir)
+    assert sorted(r.file for r in run.recovery) == sorted([garbage, empty])
+    assert all(r.batches == 0 and r.rows == 0 for r in run.recovery)
+    assert len(msgs) == 2 and all("recovered 0 complete record batch" in m for m in msgs)
+    assert run.layers.num_rows == 12 and run.hist.num_rows == 12
+
+
+def test_wrong_columns_segment_is_reported(run_dir):
+    path = os.path.join(run_dir, "scalars.rank0.000001.arrows")
+    t = pa.table({"step": pa.array([1], pa.int64()), "something": [1.0]})
+    with pa.ipc.new_stream(path, t.schema) as w:
+        w.write_table(t)
+    run, _msgs = load_quiet(run_dir)
+    (rec,) = run.recovery
+    assert rec.file == path and rec.batches == 0 and "required column 'rank'" in rec.error
+    assert run.scalars.num_rows == 12
+
+
+def test_older_segment_without_a_column_reads_as_null(run_dir):
+    """A run written before a column existed: the column comes back as nulls."""
+    path = os.path.join(run_dir, "layers.rank0.000001.arrows")
+    old = pa.schema([f for f in SCHEMAS["layers"] if f.name != "saturated_units"])
+    t = pa.table(
+        {
+            f.name: pa.array(
+                [7]
+                if f.name == "step"
+                else [0]
+                if f.name == "rank"
+                else ["x"]
+                if "layer" in f.name or f.name == "kind"
+                else [1],
+                f.type,
+            )
+            for f in old
+        },
+        schema=old,
+    )
+    with pa.ipc.new_stream(path, old) as w:
+        w.write_table(t)
+    run, msgs = load_quiet(run_dir)
+    assert msgs == [] and run.layers.schema.equals(SCHEMAS["layers"], check_metadata=False)
+    last = run.layers.slice(run.layers.num_rows - 1).to_pylist()[0]
+    assert last["step"] == 7 and last["saturated_units"] is None and last["numel"] == 1
+
+
+def test_unclosed_run_and_repr(tmp_path):
+    path = str(tmp_path / "run")
+    w = RunWriter(path, manifest={})
+    w.submit("scalars", {"step": 0, "name": "loss", "value": 1.0})
+    w.flush()
+    run = load_run(path)  # while the writer is still open: no end-of-stream marker yet
+    assert not run.closed and run.recovery == [] and run.scalar("loss")[1].tolist() == [1.0]
+    w.close()
+    run = load_run(path)
+    assert run.closed and "scalars=1" in repr(run) and run.hist.num_rows == 0
+    assert run.hist.schema.equals(SCHEMAS["hist"], check_metadata=False)
