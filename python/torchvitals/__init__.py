@@ -4,15 +4,21 @@ from torchvitals.analysis import Event, detect_events
 from torchvitals.histogram import HistLayout, hist_edges
 from torchvitals.monitor import Monitor
 from torchvitals.ops import tensor_stats
-from torchvitals.run import Run, load_run
+from torchvitals.run import Run, SchemaVersionError, SegmentRecovery, load_run
+from torchvitals.schema import SCHEMA_VERSION
+from torchvitals.writer import RunWriter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SCHEMA_VERSION",
     "Event",
     "HistLayout",
     "Monitor",
     "Run",
+    "RunWriter",
+    "SchemaVersionError",
+    "SegmentRecovery",
     "__version__",
     "detect_events",
     "hist_edges",
