@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from torchvitals import histogram
-from torchvitals.ops import COUNT_KEYS, MOMENT_KEYS, fused_stats
+from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.ops import fused_stats
 from torchvitals.selection import DEFAULT_TYPES, HookSpec, feature_dim, select_modules
 from torchvitals.transfer import HostSnapshot
 from torchvitals.writer import RunWriter

@@ -16,20 +16,10 @@ import torch
 
 from torchvitals import _C, histogram
 from torchvitals.arguments import per_tensor
+from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _NO_FEATURE = -1
-COUNT_KEYS = (
-    "numel",
-    "nan",
-    "inf",
-    "zeros",
-    "saturated",
-    "units",
-    "dead_units",
-    "saturated_units",
-)
-MOMENT_KEYS = ("sum", "sumsq", "max_abs")
 
 
 def _check_tensor(index: int, t: object, device: torch.device | None) -> None:

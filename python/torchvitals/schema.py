@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
+
 __all__ = [
     "DICT_STRING",
     "DROPPED_SCALAR",
@@ -57,23 +59,12 @@ SCALARS = pa.schema(
     metadata=_meta("scalars"),
 )
 
-_LAYER_COUNTS = (
-    "numel",
-    "nan",
-    "inf",
-    "zeros",
-    "saturated",
-    "units",
-    "dead_units",
-    "saturated_units",
-)
-_LAYER_FLOATS = ("sum", "sumsq", "max_abs")
 
 #: One row per (step, layer, kind).
 LAYERS = pa.schema(
     [_STEP, _RANK, _LAYER, _KIND]
-    + [pa.field(c, pa.int64()) for c in _LAYER_COUNTS]
-    + [pa.field(c, pa.float64()) for c in _LAYER_FLOATS],
+    + [pa.field(c, pa.int64()) for c in COUNT_KEYS]
+    + [pa.field(c, pa.float64()) for c in MOMENT_KEYS],
     metadata=_meta("layers"),
 )
 
