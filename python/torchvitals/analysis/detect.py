@@ -122,6 +122,27 @@ def _nonfinite_event(step, loss, series, curve_events):
     return ev
 
 
+GROWTH_KINDS = ("exploding_gradient", "weight_norm_growth")
+
+
+def _downgrade_growth_while_learning(findings, curve_events, step) -> None:
+    """Growth of a layer's gradient or weights that starts with a kick-in is the network
+    leaving a plateau (from a small init, say), not an instability: keep it as info."""
+    kick_ins = [e.step for e in curve_events if e.kind == "kick_in"]
+    if not kick_ins:
+        return
+    near = max(1, int(0.1 * (step[-1] - step[0])))
+    for f in findings:
+        relative = abs(f.evidence.get("log10_vs_median_layer", 0.0)) >= 3
+        if (
+            f.kind in GROWTH_KINDS
+            and not relative
+            and any(abs(f.step - k) <= near for k in kick_ins)
+        ):
+            f.severity = "info"
+            f.cause += " as the loss kicked in (the layer woke up; not an instability)"
+
+
 def detect_events(
     run=None,
     *,
@@ -153,7 +174,9 @@ def detect_events(
         if il is not None:
             events.append(il)
     layer_only = {k: v for k, v in series.items() if "/" in k}
-    events.extend(layer_findings(step, layer_only))
+    findings = layer_findings(step, layer_only)
+    _downgrade_growth_while_learning(findings, events, step)
+    events.extend(findings)
     block = int(ctx.bounds[1] - ctx.bounds[0]) if ctx.bounds.size > 1 else 1
     attribute(
         events,
