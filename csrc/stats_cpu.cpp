@@ -155,33 +155,57 @@ __attribute__((target_clones("avx2", "default"))) void reduce_chunk(
   r.inf = r.hist[kHistNonFinite] - r.nan;
 }
 
-// Marks which units saw a positive element and which saw an unsaturated one.
-// Flags are only ever set to 1, so relaxed atomic stores make the races benign.
+// Marks which units saw a positive element and which saw an unsaturated one. Shared flags
+// are only ever set to 1, with relaxed atomic stores, so concurrent chunks cannot undo each
+// other; the hot loops OR into thread-local flags or scalars, which vectorises.
+inline void set_flag(uint8_t* flag) {
+  if (!__atomic_load_n(flag, __ATOMIC_RELAXED)) __atomic_store_n(flag, uint8_t{1}, __ATOMIC_RELAXED);
+}
+
 template <typename T>
 void mark_units(const void* data, int64_t begin, int64_t end, int64_t inner, int64_t units,
                 double threshold, uint8_t* positive, uint8_t* unsaturated) {
   using L = Loader<T>;
-  int64_t unit = (begin / inner) % units;
-  int64_t left_in_unit = inner - begin % inner;
-  bool pos = false, unsat = false;
-  auto commit = [&](int64_t u) {
-    if (pos && !__atomic_load_n(&positive[u], __ATOMIC_RELAXED))
-      __atomic_store_n(&positive[u], uint8_t{1}, __ATOMIC_RELAXED);
-    if (unsat && !__atomic_load_n(&unsaturated[u], __ATOMIC_RELAXED))
-      __atomic_store_n(&unsaturated[u], uint8_t{1}, __ATOMIC_RELAXED);
-    pos = unsat = false;
-  };
-  for (int64_t i = begin; i < end; ++i) {
-    const auto v = L::load(data, i);
-    pos |= v > 0;
-    unsat |= !(std::fabs(static_cast<double>(v)) >= threshold);
-    if (--left_in_unit == 0) {
-      commit(unit);
-      unit = unit + 1 == units ? 0 : unit + 1;
-      left_in_unit = inner;
+  auto is_positive = [](double v) -> uint8_t { return v > 0; };
+  auto is_unsaturated = [threshold](double v) -> uint8_t { return !(std::fabs(v) >= threshold); };
+  const int64_t first_unit = (begin / inner) % units;
+  if (inner == 1) {  // [..., F]: consecutive elements are consecutive units
+    thread_local std::vector<uint8_t> pos, unsat;
+    const int64_t n = end - begin;
+    const int64_t slots = std::min(n, units);  // slot k is unit first_unit + k (mod units)
+    pos.assign(static_cast<size_t>(slots), 0);
+    unsat.assign(static_cast<size_t>(slots), 0);
+    for (int64_t i = begin; i < end; i += slots) {
+      const int64_t m = std::min(slots, end - i);
+      for (int64_t k = 0; k < m; ++k) {
+        const double v = static_cast<double>(L::load(data, i + k));
+        pos[k] |= is_positive(v);
+        unsat[k] |= is_unsaturated(v);
+      }
     }
+    for (int64_t k = 0; k < slots; ++k) {
+      int64_t u = first_unit + k;
+      if (u >= units) u -= units;
+      if (pos[k]) set_flag(positive + u);
+      if (unsat[k]) set_flag(unsaturated + u);
+    }
+    return;
   }
-  commit(unit);
+  // Channel-first: runs of `inner` elements share a unit; reduce each run, then set once.
+  int64_t unit = first_unit;
+  for (int64_t i = begin, run = inner - begin % inner; i < end; run = inner) {
+    const int64_t m = std::min(run, end - i);
+    uint8_t pos = 0, unsat = 0;
+    for (int64_t k = 0; k < m; ++k) {
+      const double v = static_cast<double>(L::load(data, i + k));
+      pos |= is_positive(v);
+      unsat |= is_unsaturated(v);
+    }
+    if (pos) set_flag(positive + unit);
+    if (unsat) set_flag(unsaturated + unit);
+    i += m;
+    unit = unit + 1 == units ? 0 : unit + 1;
+  }
 }
 
 template <typename T>
