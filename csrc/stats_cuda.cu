@@ -89,7 +89,7 @@ struct Job {
   int n;          // elements in the chunk
   double threshold;
   int64_t inner;
-  int64_t units;  // 0: no feature units, skip the flag updates
+  int64_t units;      // 0: no feature units, skip the flag updates
   uint8_t* positive;  // this tensor's unit flags
   uint8_t* unsaturated;
 };
@@ -168,7 +168,8 @@ struct UnitCursor {
 
 template <typename V>
 __device__ __forceinline__ void mark_unit(V x, V threshold, int64_t unit, const Job& job) {
-  // Read before writing: after the first few blocks every flag is already set.
+  // Read before writing: a flag already set then costs a cached load, not a store to a line
+  // that every block of the tensor keeps writing.
   if (x > V(0) && !job.positive[unit]) job.positive[unit] = 1;
   if (!(fabs(x) >= threshold) && !job.unsaturated[unit]) job.unsaturated[unit] = 1;
 }
@@ -192,7 +193,7 @@ class ChunkScan {
   using Raw = typename Tr::Raw;
   using V = typename Tr::Value;
   // Loads in flight per thread: H100 needs several to saturate HBM. Unit tracking halves them
-  // to stay within 64 registers (4 blocks per SM) for the whole kernel.
+  // to keep the whole kernel within 64 registers (4 blocks per SM).
   static constexpr int kUnroll = kUnits ? 2 : 4;
 
   __device__ ChunkScan(const Job& job, unsigned* hist_lane)
@@ -229,8 +230,8 @@ class ChunkScan {
         }
       }
     }
-    return Totals{acc_.sum, acc_.sumsq, static_cast<double>(acc_.max_abs), {acc_.nan,
-                  acc_.saturated}};
+    return Totals{
+        acc_.sum, acc_.sumsq, static_cast<double>(acc_.max_abs), {acc_.nan, acc_.saturated}};
   }
 
  private:
@@ -299,7 +300,7 @@ __device__ int64_t owner_of(const StatsBuffers& buf, int64_t chunk) {
   return lo;
 }
 
-__global__ void __launch_bounds__(kThreads, 4) chunk_kernel(const StatsBuffers buf) {
+__global__ void __launch_bounds__(kThreads) chunk_kernel(const StatsBuffers buf) {
   // One histogram copy per lane: a warp's atomics never collide, however its values bin.
   __shared__ unsigned hist[kHistBins * kWarpSize];
   __shared__ Totals scratch[kWarps];
