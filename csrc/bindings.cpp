@@ -16,14 +16,18 @@ T* ptr(uintptr_t address) {
 }
 
 StatsBuffers make_buffers(uintptr_t desc, uintptr_t saturation, int64_t num_tensors,
-                          int64_t num_chunks, uintptr_t unit_positive,
-                          uintptr_t unit_unsaturated, uintptr_t moments, uintptr_t counts,
-                          uintptr_t hist, uintptr_t partials) {
-  return StatsBuffers{ptr<const int64_t>(desc),     ptr<const double>(saturation),
-                      num_tensors,                   num_chunks,
-                      ptr<uint8_t>(unit_positive),   ptr<uint8_t>(unit_unsaturated),
-                      ptr<double>(moments),          ptr<int64_t>(counts),
-                      ptr<int64_t>(hist),            ptr<double>(partials)};
+                          int64_t num_chunks, uintptr_t unit_positive, uintptr_t unit_unsaturated,
+                          uintptr_t moments, uintptr_t counts, uintptr_t hist, uintptr_t partials) {
+  return StatsBuffers{ptr<const int64_t>(desc),
+                      ptr<const double>(saturation),
+                      num_tensors,
+                      num_chunks,
+                      ptr<uint8_t>(unit_positive),
+                      ptr<uint8_t>(unit_unsaturated),
+                      ptr<double>(moments),
+                      ptr<int64_t>(counts),
+                      ptr<int64_t>(hist),
+                      ptr<double>(partials)};
 }
 
 }  // namespace
@@ -37,8 +41,8 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t unit_positive, uintptr_t unit_unsaturated, uintptr_t moments, uintptr_t counts,
          uintptr_t hist, int num_threads) {
         torchvitals::tensor_stats_cpu(
-            make_buffers(desc, saturation, num_tensors, num_chunks, unit_positive,
-                         unit_unsaturated, moments, counts, hist, 0),
+            make_buffers(desc, saturation, num_tensors, num_chunks, unit_positive, unit_unsaturated,
+                         moments, counts, hist, 0),
             num_threads);
       },
       py::call_guard<py::gil_scoped_release>());
@@ -50,8 +54,8 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t unit_positive, uintptr_t unit_unsaturated, uintptr_t moments, uintptr_t counts,
          uintptr_t hist, uintptr_t partials, intptr_t stream) {
         torchvitals::tensor_stats_cuda(
-            make_buffers(desc, saturation, num_tensors, num_chunks, unit_positive,
-                         unit_unsaturated, moments, counts, hist, partials),
+            make_buffers(desc, saturation, num_tensors, num_chunks, unit_positive, unit_unsaturated,
+                         moments, counts, hist, partials),
             stream);
       },
       py::call_guard<py::gil_scoped_release>());

@@ -7,16 +7,17 @@ namespace torchvitals {
 
 // Buffers shared by both backends. All pointers address memory of the backend's device.
 struct StatsBuffers {
-  const int64_t* desc;      // [T, kDescCols]
-  const double* saturation; // [T]; NaN disables the saturation test for that tensor
+  const int64_t* desc;       // [T, kDescCols]
+  const double* saturation;  // [T]; NaN disables the saturation test for that tensor
   int64_t num_tensors;
-  int64_t num_chunks;       // total work chunks, desc[T-1].chunk_begin + chunks of the last tensor
-  uint8_t* unit_positive;   // [total units], zero on entry: 1 once a unit saw an element > 0
-  uint8_t* unit_unsaturated;// [total units], zero on entry: 1 once a unit saw |x| < threshold
-  double* moments;          // [T, kMomentCols] out
-  int64_t* counts;          // [T, kCountCols] out; zero on entry
-  int64_t* hist;            // [T, kHistBins] out; zero on entry
-  double* partials;         // CUDA only: [num_chunks, kMomentCols] scratch
+  int64_t num_chunks;      // total work chunks, desc[T-1].chunk_begin + chunks of the last tensor
+  uint8_t* unit_positive;  // [total units], zero on entry: 1 once a unit saw an element > 0
+  uint8_t* unit_unsaturated;  // [total units], zero on entry: 1 once a unit saw !(|x| >=
+                              // threshold), which NaN values and a NaN threshold satisfy
+  double* moments;   // [T, kMomentCols] out
+  int64_t* counts;   // [T, kCountCols] out; zero on entry
+  int64_t* hist;     // [T, kHistBins] out; zero on entry
+  double* partials;  // CUDA only: [num_chunks, kMomentCols] scratch
 };
 
 // Multi-threaded CPU reduction; deterministic for any num_threads.

@@ -104,8 +104,9 @@ inline void block_bins(const double* block, uint8_t* bins, int n) {
 // reassociating float adds; the histogram takes a separate scalar pass over the same
 // cache-hot block, spread over several copies to break repeated-bin store chains.
 template <typename T>
-__attribute__((target_clones("avx2", "default"))) void reduce_chunk(
-    const void* data, int64_t begin, int64_t end, double threshold, ChunkResult& r) {
+__attribute__((target_clones("avx2", "default"))) void reduce_chunk(const void* data, int64_t begin,
+                                                                    int64_t end, double threshold,
+                                                                    ChunkResult& r) {
   using L = Loader<T>;
   using Acc = typename L::Acc;
   constexpr int kLanes = 8;
@@ -159,7 +160,8 @@ __attribute__((target_clones("avx2", "default"))) void reduce_chunk(
 // are only ever set to 1, with relaxed atomic stores, so concurrent chunks cannot undo each
 // other; the hot loops OR into thread-local flags or scalars, which vectorises.
 inline void set_flag(uint8_t* flag) {
-  if (!__atomic_load_n(flag, __ATOMIC_RELAXED)) __atomic_store_n(flag, uint8_t{1}, __ATOMIC_RELAXED);
+  if (!__atomic_load_n(flag, __ATOMIC_RELAXED))
+    __atomic_store_n(flag, uint8_t{1}, __ATOMIC_RELAXED);
 }
 
 template <typename T>
@@ -230,8 +232,7 @@ void dispatch_chunk(const StatsBuffers& buf, const Chunk& c, ChunkResult& r) {
     case kFloat16:
       return process_chunk<Half>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
     case kBFloat16:
-      return process_chunk<BFloat16>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated,
-                                     r);
+      return process_chunk<BFloat16>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
     case kFloat64:
       return process_chunk<double>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
   }
@@ -251,7 +252,8 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
   chunks.reserve(static_cast<size_t>(buf.num_chunks));
   for (int64_t t = 0; t < T; ++t) {
     const int64_t n = buf.desc[t * kDescCols + kDescNumel];
-    for (int64_t b = 0; b < n; b += kChunkElems) chunks.push_back({t, b, std::min(n, b + kChunkElems)});
+    for (int64_t b = 0; b < n; b += kChunkElems)
+      chunks.push_back({t, b, std::min(n, b + kChunkElems)});
   }
   std::vector<ChunkResult> results(chunks.size());
 
