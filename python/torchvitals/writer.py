@@ -33,11 +33,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from .schema import DICT_STRING, DROPPED_SCALAR, REQUIRED, SCHEMA_VERSION, SCHEMAS
+from .batches import Columns, TableBuilder, warm_up
+from .schema import DROPPED_SCALAR, SCHEMA_VERSION, SCHEMAS
 
 __all__ = ["RunWriter", "manifest_name", "segment_name", "write_json_atomic"]
-
-Columns = Mapping[str, Any]
 
 
 def segment_name(table: str, rank: int, seg: int) -> str:
@@ -82,228 +81,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-# --------------------------------------------------------------------------- conversion
-
-
-def _to_numpy(value: Any) -> Any:
-    """torch tensors -> numpy (on the writer thread); everything else unchanged."""
-    if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if str(t.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn", "torch.float8_e5m2"):
-            t = t.float()
-        return t.numpy()
-    return value
-
-
-_PY_SCALARS = (int, float, str, bool, np.generic, type(None))
-_STR, _LIST = "str", "list"
-
-
-def _column_kind(t: pa.DataType) -> Any:
-    if t == DICT_STRING:
-        return _STR
-    if pa.types.is_list(t):
-        return _LIST
-    return np.dtype(t.to_pandas_dtype())
-
-
-class _TableBuilder:
-    """Accumulates the columns of many submitted items of one table.
-
-    Per column, ``parts`` is a list of chunks in submission order: a Python list
-    (consecutive scalar/broadcast values), a numpy array, or for list columns a
-    ``(lengths, flat_values, valid)`` triple. ``build`` turns them into one batch.
-    """
-
-    def __init__(self, table: str, rank: int):
-        self.table = table
-        self.schema = SCHEMAS[table]
-        self.rank = rank
-        self.required = REQUIRED[table]
-        self.kinds = {f.name: _column_kind(f.type) for f in self.schema}
-        self.parts: dict[str, list[Any]] = {n: [] for n in self.kinds}
-        self.items = 0
-        self.rows = 0
-        self.max_step: int | None = None
-
-    def add(self, cols: Columns) -> None:
-        """Validate and convert one item; nothing is kept if it raises."""
-        if not isinstance(cols, Mapping):
-            raise TypeError(f"{self.table}: columns must be a mapping, got {type(cols).__name__}")
-        kinds = self.kinds
-        for k in self.required:
-            if k not in cols:
-                missing = [c for c in self.required if c not in cols]
-                raise ValueError(f"{self.table}: missing required column(s) {missing}")
-        values: dict[str, Any] = {}
-        n = None
-        for k, v in cols.items():
-            kind = kinds.get(k)
-            if kind is None:
-                unknown = [c for c in cols if c not in kinds]
-                raise ValueError(
-                    f"{self.table}: unknown column(s) {unknown}; schema has {list(kinds)}"
-                )
-            if kind is _LIST:
-                v = self._list_value(k, _to_numpy(v))
-                length = len(v[0])
-            elif isinstance(v, _PY_SCALARS):
-                values[k] = v
-                continue
-            else:
-                v = _to_numpy(v)
-                if kind is _STR:
-                    if isinstance(v, np.ndarray) and v.ndim == 0:
-                        values[k] = v.item()
-                        continue
-                    v = [x if isinstance(x, str) else str(x) for x in v]
-                else:
-                    v = np.asarray(v, dtype=kind)
-                    if v.ndim == 0:
-                        values[k] = v.item()
-                        continue
-                    v = v.reshape(-1)
-                length = len(v)
-            values[k] = v
-            if n is None:
-                n = length
-            elif length != n:
-                raise ValueError(f"{self.table}: column {k!r} has {length} rows, expected {n}")
-        n = 1 if n is None else n
-        if "rank" not in values:
-            values["rank"] = self.rank
-        # convert every scalar (broadcast) now, so that build() cannot fail on this item
-        converted: dict[str, Any] = {}
-        for k, kind in kinds.items():
-            v = values.get(k)
-            if kind is _LIST:
-                converted[k] = v if v is not None else (np.zeros(n, np.int64), _EMPTY_I64, False)
-            elif isinstance(v, (list, np.ndarray)):
-                converted[k] = v
-            elif v is None:
-                converted[k] = [None] * n
-            elif kind is _STR:
-                converted[k] = [v if isinstance(v, str) else str(v)] * n
-            elif kind.kind == "f":
-                converted[k] = [float(v)] * n
-            else:
-                converted[k] = [int(v)] * n
-        if n:
-            step = converted["step"]
-            s = int(step.max()) if isinstance(step, np.ndarray) else step[0]
-            if s is None:
-                raise ValueError(f"{self.table}: step must not be None")
-            self.max_step = s if self.max_step is None else max(self.max_step, s)
-        parts = self.parts
-        for k, v in converted.items():
-            p = parts[k]
-            if isinstance(v, list) and p and isinstance(p[-1], list):
-                p[-1].extend(v)
-            else:
-                p.append(list(v) if isinstance(v, list) else v)
-        self.items += 1
-        self.rows += n
-
-    def _list_value(self, k: str, v: Any) -> tuple[np.ndarray, np.ndarray, bool]:
-        """``(lengths, flat values, valid)`` of a list column: 2-D array = rows, 1-D = one row."""
-        if isinstance(v, np.ndarray) or (
-            isinstance(v, (list, tuple)) and all(isinstance(x, _PY_SCALARS) for x in v)
-        ):
-            arr = np.asarray(v, dtype=np.int64)
-            if arr.ndim == 1:
-                arr = arr[None, :]
-            if arr.ndim != 2:
-                raise ValueError(f"{self.table}: column {k!r} must be 1-D (one row) or 2-D (rows)")
-            return np.full(arr.shape[0], arr.shape[1], dtype=np.int64), arr.reshape(-1), True
-        if isinstance(v, (list, tuple)):
-            rows = [np.asarray(_to_numpy(r), dtype=np.int64).reshape(-1) for r in v]
-            lengths = np.array([len(r) for r in rows], dtype=np.int64)
-            flat = np.concatenate(rows) if rows else _EMPTY_I64
-            return lengths, flat, True
-        raise TypeError(
-            f"{self.table}: column {k!r} needs an array, tensor or list of rows, "
-            f"got {type(v).__name__}"
-        )
-
-    def build(self) -> pa.RecordBatch:
-        arrays = []
-        for field in self.schema:
-            parts = self.parts[field.name]
-            t = field.type
-            if self.kinds[field.name] is _LIST:
-                lens = np.concatenate([p[0] for p in parts])
-                offsets = np.zeros(len(lens) + 1, dtype=np.int32)  # list<> has int32 offsets
-                np.cumsum(lens, out=offsets[1:])
-                flat = np.concatenate([p[1] for p in parts])
-                mask = None
-                if not all(p[2] for p in parts):
-                    mask = pa.array(np.concatenate([np.full(len(p[0]), not p[2]) for p in parts]))
-                arrays.append(
-                    pa.ListArray.from_arrays(
-                        pa.array(offsets), pa.array(flat, type=pa.int64()), mask=mask
-                    )
-                )
-            elif len(parts) == 1:
-                arrays.append(pa.array(parts[0], type=t))
-            elif self.kinds[field.name] is not _STR and all(
-                isinstance(p, np.ndarray) for p in parts
-            ):
-                arrays.append(pa.array(np.concatenate(parts), type=t))
-            else:
-                flat_list: list[Any] = []
-                for p in parts:
-                    flat_list.extend(p.tolist() if isinstance(p, np.ndarray) else p)
-                arrays.append(pa.array(flat_list, type=t))
-        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
-
-
-_EMPTY_I64 = np.empty(0, np.int64)
-_WARM = threading.Lock()
-_warmed = False
-
-
-def _warm_up() -> None:
-    """Exercise every conversion once, early, on the writer thread.
-
-    pyarrow initialises lazily (``pa.array`` imports pandas when it is installed);
-    done for the first time during interpreter shutdown (the atexit drain), that
-    fails with "can't register atexit after shutdown". Paying it at start avoids it.
-    """
-    global _warmed
-    with _WARM:
-        if _warmed:
-            return
-        samples = {
-            "scalars": [
-                {"step": 0, "name": "x", "value": 0.0},
-                {"step": [1], "name": ["y"], "value": [1]},
-            ],
-            "layers": [
-                {
-                    "step": 0,
-                    "layer": ["x"],
-                    "kind": "x",
-                    "numel": np.zeros(1, np.int64),
-                    "sum": [0.0],
-                }
-            ],
-            "hist": [
-                {"step": 0, "layer": "x", "kind": "x", "counts": np.zeros((1, 2), np.int64)},
-                {"step": 1, "layer": "x", "kind": "x"},
-            ],
-        }
-        for table, items in samples.items():
-            b = _TableBuilder(table, 0)
-            for item in items:
-                b.add(item)
-            batch = b.build()
-            with pa.ipc.new_stream(pa.BufferOutputStream(), batch.schema) as w:
-                w.write_batch(batch)
-        _warmed = True
 
 
 # --------------------------------------------------------------------------- writer
@@ -549,7 +326,7 @@ class RunWriter:
 
     def _run(self) -> None:
         with contextlib.suppress(Exception):  # a real problem resurfaces on the first item
-            _warm_up()
+            warm_up()
         cond = self._cond
         next_flush = time.monotonic() + self.flush_interval
         while True:
@@ -593,11 +370,11 @@ class RunWriter:
             with self._cond:
                 self.dropped += len(items)
             return
-        builders: dict[str, _TableBuilder] = {}
+        builders: dict[str, TableBuilder] = {}
         for table, cols in items:
             b = builders.get(table)
             if b is None:
-                b = builders[table] = _TableBuilder(table, self.rank)
+                b = builders[table] = TableBuilder(table, self.rank)
             try:
                 if callable(cols):
                     cols = cols()
@@ -611,7 +388,7 @@ class RunWriter:
         if dropped != self._dropped_recorded:
             b = builders.get("scalars")
             if b is None:
-                b = builders["scalars"] = _TableBuilder("scalars", self.rank)
+                b = builders["scalars"] = TableBuilder("scalars", self.rank)
             b.add({"step": self._max_step, "name": DROPPED_SCALAR, "value": float(dropped)})
             self._dropped_recorded = dropped
             synthetic = 1
