@@ -2,6 +2,7 @@
 
 from torchvitals.analysis import Event, detect_events
 from torchvitals.histogram import HistLayout, hist_edges
+from torchvitals.merge import MissingRanksWarning, merge_ranks, rank_coverage
 from torchvitals.monitor import Monitor
 from torchvitals.ops import tensor_stats
 from torchvitals.run import Run, SchemaVersionError, SegmentRecovery, load_run
@@ -14,6 +15,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Event",
     "HistLayout",
+    "MissingRanksWarning",
     "Monitor",
     "Run",
     "RunWriter",
@@ -23,5 +25,7 @@ __all__ = [
     "detect_events",
     "hist_edges",
     "load_run",
+    "merge_ranks",
+    "rank_coverage",
     "tensor_stats",
 ]

@@ -1,12 +1,16 @@
 """The Monitor: hooks on a model and optimizer that record every step's statistics.
 
 Flow per step: forward hooks stash activations and the root module's forward hook
-reduces them in one fused engine call; the optimizer's step pre-hook reduces all
-gradients in one call; ``Monitor.step()`` adds weights and scalars, starts one
-non-blocking device-to-host copy, and hands the writer a closure that the
+reduces them in one fused engine call; each optimizer's step pre-hook reduces the
+gradients of its parameters in one call; ``Monitor.step()`` adds weights and scalars,
+starts one non-blocking device-to-host copy, and hands the writer a closure that the
 background thread runs once the copy has landed. The training thread never waits
 on the GPU, and a failure inside telemetry is counted and warned about, never raised
 (unless ``strict=True``).
+
+Distributed (``torchvitals.distributed``): each rank records what it holds, with no
+communication; a DTensor parameter (FSDP2) through its local shard, replicas (DDP)
+once. The optional live mode adds one asynchronous ``all_reduce`` per step.
 """
 
 from __future__ import annotations
@@ -25,6 +29,15 @@ from torch import nn
 
 from torchvitals import histogram
 from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.distributed import (
+    LIVE_SCALARS,
+    GradsOn,
+    LiveReducer,
+    ParamPolicy,
+    initialized,
+    layout,
+    unwrap,
+)
 from torchvitals.ops import fused_stats
 from torchvitals.selection import DEFAULT_TYPES, HookSpec, feature_dim, select_modules
 from torchvitals.transfer import HostSnapshot
@@ -52,6 +65,8 @@ class MonitorConfig:
     flush_interval: float = 1.0
     on_full: str = "drop"
     strict: bool = False
+    grads_on: str = "auto"
+    live: bool = False
 
 
 @dataclass
@@ -75,8 +90,12 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def _snapshot(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
 def _default_rank() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -87,6 +106,14 @@ class Monitor:
     ``every`` sets the cadence of gradients and activations; ``weight_every`` that of
     weight norms. ``on_full`` says what happens when the writer falls behind:
     ``"drop"`` (count and drop the step's record) or ``"block"``.
+
+    ``optimizer`` may be a list (each optimizer's gradients are read at its own step).
+    ``grads_on`` says which ranks record parameters (gradients and weights): ``"rank0"``
+    records plain parameters on rank 0 only (they are replicas, as under DDP), ``"all"``
+    on every rank; ``"auto"`` is ``"rank0"`` for a ``DistributedDataParallel`` model or a
+    model with DTensor (sharded) parameters, else ``"all"``. DTensor shards are always
+    recorded once each. ``live=True`` adds one asynchronous ``all_reduce`` per step over
+    ``live_group`` and writes the global ``LIVE_SCALARS`` one step later.
     """
 
     def __init__(
@@ -94,7 +121,7 @@ class Monitor:
         model: nn.Module,
         path: str | os.PathLike[str],
         *,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         every: int = 1,
         weight_every: int = 100,
@@ -109,7 +136,11 @@ class Monitor:
         strict: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
+        grads_on: GradsOn = "auto",
+        live: bool = False,
+        live_group: Any = None,
     ) -> None:
+        model, ddp = unwrap(model)
         previous = getattr(model, _ATTACHED, None)
         if previous is not None and not previous.closed:
             raise RuntimeError(
@@ -132,14 +163,24 @@ class Monitor:
             flush_interval=flush_interval,
             on_full=on_full,
             strict=strict,
+            live=live,
         )
         self.path = path
         self.model = model
-        self.optimizer = optimizer
+        if optimizer is None:
+            optimizer = []
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = [optimizer]
+        self.optimizers: list[torch.optim.Optimizer] = list(optimizer)
         self.scaler = scaler
         default_rank, default_world = _default_rank()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
+        self._policy = ParamPolicy(model, self.rank, grads_on, ddp is not None)
+        self.config.grads_on = self._policy.grads_on
+        if live and not initialized():
+            raise ValueError("live=True needs an initialized torch.distributed process group")
+        self._live = LiveReducer(live_group) if live else None
         self.step_count = 0
         self.errors = 0
         self.closed = False
@@ -150,7 +191,10 @@ class Monitor:
         self._stashed_act_grads: list[tuple[str, torch.Tensor]] = []
         self._recording_acts = False
         self._acts_done = False
-        self._grads_done = False
+        self._grads_seen: set[int] = set()  # parameters whose gradient this step has read
+        self._step_grads: list[_Batch] = []
+        self._step_lrs: dict[int, list[Any]] = {}  # lr of each optimizer at its step
+        self._previous_scale = _snapshot(getattr(scaler, "_scale", None))
         self._last_step_time = time.perf_counter()
         self._handles: list[Any] = []
 
@@ -159,7 +203,7 @@ class Monitor:
         self._register_hooks(hooked)
         self.writer = RunWriter(
             path,
-            manifest=self._manifest(hooked),
+            manifest=self._manifest(hooked, ddp),
             rank=self.rank,
             flush_interval=flush_interval,
             on_full=on_full,
@@ -182,11 +226,13 @@ class Monitor:
             if self.config.act_grads:
                 hook = self._guard(self._act_grad_hook(spec.name))
                 self._handles.append(module.register_full_backward_hook(hook))
-        if self.optimizer is not None:
-            hook = self._guard(self._on_optimizer_step)
-            self._handles.append(self.optimizer.register_step_pre_hook(hook))
+        for optimizer in self.optimizers:
+            hook = self._guard(self._optimizer_hook())
+            self._handles.append(optimizer.register_step_pre_hook(hook))
 
-    def _manifest(self, hooked: list[tuple[nn.Module, HookSpec]]) -> dict[str, Any]:
+    def _manifest(
+        self, hooked: list[tuple[nn.Module, HookSpec]], ddp: nn.Module | None
+    ) -> dict[str, Any]:
         from torchvitals import __version__
 
         hooked_names = {spec.name: spec for _, spec in hooked}
@@ -213,6 +259,14 @@ class Monitor:
             "torch_version": torch.__version__,
             "device": str(first.device) if first is not None else "cpu",
             "world_size": self.world_size,
+            "distributed": layout(
+                self.model.named_parameters(),
+                self._policy,
+                rank=self.rank,
+                world_size=self.world_size,
+                ddp=ddp,
+                live=self._live is not None,
+            ),
             "config": asdict(self.config),
             "layers": layers,
             "hist_edges": {
@@ -248,8 +302,13 @@ class Monitor:
     # --- hooks ----------------------------------------------------------------------
 
     def _on_model_start(self, module: nn.Module, args: Any) -> None:
+        self._begin_forward()
+
+    def _begin_forward(self) -> None:
+        if not self._recording_acts:  # else nested in an explicit begin_forward()
+            self._stashed_acts.clear()
         self._recording_acts = (
-            module.training
+            self.model.training
             and not self._acts_done
             and self.step_count % self.config.act_every == 0
             and torch.is_grad_enabled()
@@ -276,6 +335,9 @@ class Monitor:
         return on_backward
 
     def _on_model_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._end_forward()
+
+    def _end_forward(self) -> None:
         if not self._recording_acts:
             return
         self._recording_acts = False
@@ -294,8 +356,28 @@ class Monitor:
             of_input.append(spec.of_input)
         self._reduce("act", names, tensors, dims, thresholds, of_input)
 
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._collect_grads()
+    def _optimizer_hook(self) -> Callable:
+        def on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+            self._step_lrs[id(optimizer)] = [_snapshot(g.get("lr")) for g in optimizer.param_groups]
+            # args[0] is the optimizer itself, args[1] a positional closure
+            closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+            if closure is None:
+                self._collect_grads(optimizer)
+                return None
+
+            # A closure (LBFGS, Lightning) runs the backward inside step(): read the
+            # gradients when it returns.
+            def closure_then_collect() -> Any:
+                loss = closure()
+                self._guard(self._collect_grads)(optimizer)
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_then_collect}
+            return (args[0], closure_then_collect, *args[2:]), kwargs
+
+        on_optimizer_step.__name__ = "optimizer step hook"
+        return on_optimizer_step
 
     # --- collection -----------------------------------------------------------------
 
@@ -334,25 +416,36 @@ class Monitor:
                 # Hooks run once, at capture; every replay rewrites these outputs.
                 self._graph_batches.append(batch)
 
-    def _named_params(self) -> list[tuple[str, torch.Tensor]]:
-        if self.optimizer is None:
+    def _named_params(
+        self, optimizer: torch.optim.Optimizer | None = None
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Parameters of ``optimizer`` (default: of every optimizer, else of the model)."""
+        optimizers = self.optimizers if optimizer is None else [optimizer]
+        if not optimizers:
             return list(self.model.named_parameters())
         seen, out = set(), []
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in seen:  # tied parameters are counted once
-                    seen.add(id(p))
-                    out.append((self._param_names.get(id(p), f"param{len(out)}"), p))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) not in seen:  # tied parameters are counted once
+                        seen.add(id(p))
+                        out.append((self._param_names.get(id(p), f"param{len(out)}"), p))
         return out
 
-    def _collect_grads(self) -> None:
-        if self._grads_done or self.step_count % self.config.grad_every:
+    def _collect_grads(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Gradients of ``optimizer``'s parameters not yet read this step."""
+        if self.step_count % self.config.grad_every:
             return
-        self._grads_done = True
         names, grads = [], []
-        for name, p in self._named_params():
+        for name, p in self._named_params(optimizer):
+            if id(p) in self._grads_seen:  # once per step, also across optimizers
+                continue
+            self._grads_seen.add(id(p))
             g = p.grad
             if g is None:  # frozen, or not reached by this backward
+                continue
+            g = self._policy.local(p, g)
+            if g is None:  # another rank records this parameter
                 continue
             if g.is_sparse:
                 g = g.coalesce().values()  # statistics of the stored values
@@ -365,21 +458,37 @@ class Monitor:
             self._reduce("act_grad", [n for n, _ in stashed], [g for _, g in stashed])
 
     def _collect_weights(self) -> None:
-        named = [(n, p) for n, p in self._named_params() if p.layout == torch.strided]
+        named = []
+        for name, p in self._named_params():
+            w = self._policy.local(p, p.detach())
+            if w is not None and w.layout == torch.strided:
+                named.append((name, w))
         if named:
-            self._reduce("weight", [n for n, _ in named], [p.detach() for _, p in named])
+            self._reduce("weight", [n for n, _ in named], [w for _, w in named])
 
     def _device_scalars(self, loss: Any, scalars: dict[str, Any]) -> tuple[dict, dict]:
         """Split scalars into host floats and device tensors (read later, off-thread)."""
         host: dict[str, float] = {}
         device: dict[str, torch.Tensor] = {}
         items = {"loss": loss, **scalars} if loss is not None else dict(scalars)
-        if self.optimizer is not None:
-            for i, group in enumerate(self.optimizer.param_groups):
-                items[f"lr/group{i}"] = group.get("lr")
+        for k, opt in enumerate(self.optimizers):
+            prefix = "lr/" if len(self.optimizers) == 1 else f"lr/opt{k}/"
+            lrs = self._step_lrs.get(id(opt)) or [g.get("lr") for g in opt.param_groups]
+            for i, lr in enumerate(lrs):
+                items[f"{prefix}group{i}"] = lr
         if self.scaler is not None and self.scaler.is_enabled():
             scale = getattr(self.scaler, "_scale", None)
-            items["loss_scale"] = scale if scale is not None else self.scaler.get_scale()
+            if scale is None:
+                items["loss_scale"] = self.scaler.get_scale()
+            else:
+                items["loss_scale"] = scale
+                # update() lowers the scale exactly when it skipped the step (its
+                # backoff factor is < 1): a comparison on the device, no sync.
+                previous = self._previous_scale
+                items["skipped_step"] = scale < (
+                    previous if previous is not None else self.scaler._init_scale
+                )
+                self._previous_scale = scale.clone()  # update() changes it in place
         for name, value in items.items():
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
@@ -405,21 +514,38 @@ class Monitor:
                 )
             return
         self._guard(self._step)(loss, scalars)
+        if self._live is not None:  # apart from _step: every rank must reduce every step
+            self._guard(self._live_step)(loss)
         self.step_count += 1
-        self._acts_done = self._grads_done = False
+        self._acts_done = self._recording_acts = False
+        self._grads_seen.clear()
+        self._step_grads.clear()
+        self._step_lrs.clear()
         self._stashed_acts.clear()
         self._stashed_act_grads.clear()
+
+    def begin_forward(self) -> None:
+        """Starts recording this step's activations. The model's forward does it by itself;
+        call it (and :meth:`end_forward`) when the training step runs submodules without
+        the monitored module's own forward, as a LightningModule's ``training_step`` may."""
+        self._guard(self._begin_forward)()
+
+    def end_forward(self) -> None:
+        """Reduces the activations recorded since :meth:`begin_forward` (a no-op when the
+        model's forward already did)."""
+        self._guard(self._end_forward)()
 
     def _step(self, loss: Any, scalars: dict[str, Any]) -> None:
         now = time.perf_counter()
         step_time, self._last_step_time = now - self._last_step_time, now
-        if self.optimizer is None:
+        if not self.optimizers:
             self._collect_grads()
         if self.step_count % self.config.weight_every == 0:
             self._collect_weights()
         host, device = self._device_scalars(loss, scalars)
         host["step_time"] = step_time
         batches, self._pending = self._pending or list(self._graph_batches), []
+        self._step_grads = [b for b in batches if b.kind == "grad"]
 
         tensors: dict[str, torch.Tensor] = {}
         for i, b in enumerate(batches):
@@ -482,6 +608,46 @@ class Monitor:
             if self.config.histograms:
                 self.writer.submit("hist", hist_columns)
 
+    # --- live mode ------------------------------------------------------------------
+
+    def _live_step(self, loss: Any) -> None:
+        """Writes the previous step's global view and starts this step's all_reduce."""
+        self._write_live()
+        first = next(self.model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        if isinstance(loss, torch.Tensor):
+            loss_value = loss.detach().reshape(()).to(device, torch.float64)
+        else:
+            loss_value = zero if loss is None else torch.full_like(zero, float(loss))
+        sumsq, nonfinite = zero, zero
+        for b in self._step_grads:
+            sumsq = sumsq + b.moments[:, _SUMSQ].sum().to(device)
+            nonfinite = nonfinite + b.counts[:, _NONFINITE].sum().to(device, torch.float64)
+        has_loss = torch.full_like(zero, float(loss is not None))
+        self._live.start(self.step_count, torch.stack([loss_value, has_loss, sumsq, nonfinite]))
+
+    def _write_live(self) -> None:
+        done = self._live.finish()
+        if done is None:
+            return
+        step, values = done
+        snapshot = HostSnapshot({"live": values})
+
+        def columns() -> dict[str, Any]:
+            return {"step": step, "name": list(LIVE_SCALARS), "value": snapshot.wait()["live"]}
+
+        self.writer.submit("scalars", columns)
+
+    @property
+    def live_stats(self) -> dict[str, Any] | None:
+        """The live mode's latest global view, one step behind: ``{"step": int, name:
+        0-d device tensor for each of LIVE_SCALARS}`` (reading a tensor may sync)."""
+        if self._live is None or self._live.latest is None:
+            return None
+        step, values = self._live.latest
+        return {"step": step, **dict(zip(LIVE_SCALARS, values.unbind(), strict=True))}
+
     # --- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:
@@ -493,6 +659,8 @@ class Monitor:
             handle.remove()
         self._handles.clear()
         self._pending.clear()
+        if self._live is not None:
+            self._guard(self._write_live)()
         if getattr(self.model, _ATTACHED, None) is self:
             delattr(self.model, _ATTACHED)
         self.writer.close()

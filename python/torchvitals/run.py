@@ -8,9 +8,10 @@ a warning), never raised.
 Loading is two steps so that an exact merge of per-rank shards can replace the
 default later: every table is first read *per rank* (``dict[rank, pa.Table]``,
 segments in order), then ``merge(table_name, per_rank, manifests)`` turns those
-into the one table exposed on the ``Run``. The default, :func:`concat_ranks`,
-concatenates the ranks (the ``rank`` column tells them apart) and sorts stably
-by ``(step, rank)``.
+into the one table exposed on the ``Run``. The default,
+:func:`torchvitals.merge.merge_ranks`, combines the shards of sharded parameters into
+one row per parameter (``rank = -1``) and keeps every other row per rank;
+:func:`concat_ranks` only concatenates the ranks, sorted stably by ``(step, rank)``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .merge import concat_ranks, merge_ranks
 from .schema import SCHEMA_VERSION, SCHEMAS, conform, empty_table
 
 __all__ = ["MergeFn", "Run", "SchemaVersionError", "SegmentRecovery", "concat_ranks", "load_run"]
@@ -52,19 +54,6 @@ class SegmentRecovery:
     batches: int  #: complete record batches recovered (and included in the run)
     rows: int  #: rows in those batches
     error: str  #: what stopped the reader
-
-
-def concat_ranks(
-    name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]
-) -> pa.Table:
-    """Default merge: concatenate all ranks, stable-sorted by ``(step, rank)``."""
-    tables = [per_rank[r] for r in sorted(per_rank)]
-    if not tables:
-        return empty_table(name)
-    t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    if t.num_rows:
-        t = t.sort_by([("step", "ascending"), ("rank", "ascending")])
-    return t.unify_dictionaries().combine_chunks()
 
 
 def _newer_message(path: Path, version: int) -> str:
@@ -215,7 +204,7 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
     """Load a run directory written by :class:`torchvitals.writer.RunWriter`.
 
     ``merge`` combines the per-rank tables of each table name (default
-    :func:`concat_ranks`). Raises ``FileNotFoundError`` (no directory / no
+    :func:`torchvitals.merge.merge_ranks`). Raises ``FileNotFoundError`` (no directory / no
     manifest), ``ValueError`` (unreadable manifest) or ``SchemaVersionError``
     (a ``ValueError``: the run is newer than this reader). Truncated or corrupted
     segments are read up to their last complete record batch, recorded in
@@ -257,6 +246,6 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
         t: {r: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for r, ts in ranks.items()}
         for t, ranks in parts.items()
     }
-    merge_fn = merge or concat_ranks
+    merge_fn = merge or merge_ranks
     tables = {t: merge_fn(t, per_rank[t], manifests) for t in SCHEMAS}
     return Run(root, manifests, tables, per_rank, recovery)

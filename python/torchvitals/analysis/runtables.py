@@ -10,12 +10,28 @@ keys of :func:`torchvitals.analysis.detect_events`:
   ``nonfinite/<layer>`` = nan+inf summed over all kinds.
 
 Everything is aligned on the steps of the ``loss`` scalar (missing values are NaN). Only
-the lowest rank present is used.
+the lowest rank present is used, per series (so rows merged across
+ranks, rank -1, win).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def _one_rank(table, *codes) -> np.ndarray:
+    """Per series (rows with equal ``codes``): the rows of its lowest rank. Merged rows
+    (rank -1, torchvitals.merge) are the lowest, so they win where a series has them."""
+    n = table.num_rows
+    if "rank" not in table.column_names or not n:
+        return np.ones(n, dtype=bool)
+    rank = _col(table, "rank").astype(np.int64)
+    key = np.zeros(n, dtype=np.int64)
+    for c in codes:
+        key = key * (int(c.max()) + 1) + c
+    best = np.full(int(key.max()) + 1, np.iinfo(np.int64).max)
+    np.minimum.at(best, key, rank)
+    return rank == best[key]
 
 
 def _col(table, name) -> np.ndarray:
@@ -55,10 +71,7 @@ def series_from_run(run):
     step = _col(scalars, "step").astype(np.int64)
     val = _col(scalars, "value").astype(np.float64)
     codes, labels = _codes(scalars, "name")
-    keep = np.ones(step.size, dtype=bool)
-    if "rank" in scalars.column_names and step.size:
-        rank = _col(scalars, "rank")
-        keep = rank == rank.min()
+    keep = _one_rank(scalars, codes)
     by_name = {}
     for k, lab in enumerate(labels):
         sel = keep & (codes == k)
@@ -102,12 +115,9 @@ def _layer_series(layers, steps_all):
         if c not in layers.column_names:
             raise ValueError(f"run.layers: missing column {c!r}")
     step = _col(layers, "step").astype(np.int64)
-    keep = np.ones(step.size, dtype=bool)
-    if "rank" in layers.column_names:
-        rank = _col(layers, "rank")
-        keep = rank == rank.min()
     lcodes, lnames = _codes(layers, "layer")
     kcodes, knames = _codes(layers, "kind")
+    keep = _one_rank(layers, lcodes, kcodes)
     cols = {c: _col(layers, c).astype(np.float64) for c in need[3:]}
     out = {}
     kind_idx = {k: i for i, k in enumerate(knames)}

@@ -1,0 +1,346 @@
+"""Exact merge of a run's ranks: the ``merge`` step of :func:`torchvitals.run.load_run`.
+
+Every rank writes its own rows; merging is done here, offline, with no communication
+during training. What is merged:
+
+- **Sharded parameters** (DTensor: FSDP2 ``fully_shard``, tensor parallel). Each rank
+  records the ``grad`` and ``weight`` rows of its local shard under the parameter's
+  name; the manifests list, per parameter, the ranks that record a shard
+  (``distributed.sharded[name].recorded_by``). The shards' rows of one step combine
+  exactly into one row of the whole parameter, with ``rank = MERGED_RANK`` (-1, "all
+  ranks"): ``numel, nan, inf, zeros, saturated, units, dead_units, saturated_units,
+  sum, sumsq`` add, ``max_abs`` is the max, histogram ``counts`` add. So the merged
+  norm ``sqrt(sumsq)`` is the norm of the full gradient.
+- **Everything else stays per rank**: activations and activation gradients (each rank
+  sees its own slice of the batch), plain parameters (under DDP recorded by rank 0
+  only), scalars.
+- **Global gradient norm**: when parameters are sharded and every rank recorded plain
+  parameters on rank 0 only (``grads_on="rank0"``, the default then), the scalars get
+  ``grad_norm`` (``sqrt`` of the sum of the ranks' squares) and ``grad_nonfinite`` (sum)
+  rows with ``rank = -1``.
+
+Missing ranks: a rank that wrote nothing, or has no data for steps other ranks
+recorded (killed, or records dropped), is reported with a :class:`MissingRanksWarning`
+naming the rank(s) and the steps. Shards of a step with a rank missing cannot be
+combined: those rows are kept unmerged, with their own rank, so a ``rank = -1`` row is
+always a complete parameter. :func:`rank_coverage` gives the same report as data.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.schema import SCHEMAS, empty_table
+
+__all__ = [
+    "MERGED_RANK",
+    "PARAM_KINDS",
+    "MissingRanksWarning",
+    "RankCoverage",
+    "merge_ranks",
+    "rank_coverage",
+    "shard_holders",
+]
+
+#: ``rank`` of a row merged from the shards of all ranks.
+MERGED_RANK = -1
+#: Row kinds that describe parameters (and so may be sharded).
+PARAM_KINDS = ("grad", "weight")
+_GLOBAL_SCALARS = ("grad_norm", "grad_nonfinite")
+
+
+class MissingRanksWarning(RuntimeWarning):
+    """Some rank's data is missing: merged results cover only the complete steps."""
+
+
+@dataclass(frozen=True)
+class RankCoverage:
+    """Which ranks of a run wrote data, and which steps each one lacks."""
+
+    world_size: int
+    ranks: tuple[int, ...]  #: ranks with a manifest or data
+    missing: tuple[int, ...]  #: ranks below ``world_size`` that wrote nothing
+    unclosed: tuple[int, ...]  #: ranks whose manifest has no ``closed_at``
+    #: per rank, the steps other ranks recorded and it did not (missing ranks: all)
+    missing_steps: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not any(self.missing_steps.values())
+
+    def describe(self) -> str:
+        parts = []
+        for r in self.missing:
+            parts.append(f"rank {r} wrote nothing (no manifest, no data)")
+        for r, steps in sorted(self.missing_steps.items()):
+            if r in self.missing or not steps:
+                continue
+            why = " and did not close cleanly (no closed_at)" if r in self.unclosed else ""
+            parts.append(f"rank {r} has no data for step(s) {_ranges(steps)}{why}")
+        return f"world_size={self.world_size}: " + "; ".join(parts)
+
+
+def _ranges(steps: list[int], limit: int = 8) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"`` (at most ``limit`` ranges)."""
+    out: list[str] = []
+    start = prev = None
+    for s in [*steps, None]:
+        if s is not None and prev is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = s
+    text = ", ".join(out[:limit])
+    return text + (f", ... ({len(steps)} steps)" if len(out) > limit else "")
+
+
+def _world_size(manifests: Mapping[int, dict], ranks: set[int]) -> int:
+    sizes = [m.get("world_size") for m in manifests.values()]
+    sizes = [s for s in sizes if isinstance(s, int)]
+    return max([*sizes, max(ranks, default=0) + 1])
+
+
+def _dist(manifest: dict) -> dict:
+    return manifest.get("distributed") or {}
+
+
+def shard_holders(manifests: Mapping[int, dict]) -> dict[str, frozenset[int]]:
+    """``{parameter name: ranks that record a shard of it}`` from the manifests."""
+    holders: dict[str, set[int]] = {}
+    for m in manifests.values():
+        for name, entry in (_dist(m).get("sharded") or {}).items():
+            holders.setdefault(name, set()).update(entry.get("recorded_by") or ())
+    return {name: frozenset(ranks) for name, ranks in holders.items()}
+
+
+def rank_coverage(per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]) -> RankCoverage:
+    """The ranks and steps present in ``per_rank`` (one table, e.g. ``run.per_rank
+    ["scalars"]``, which every rank writes at every step) against the run's world size."""
+    present = set(manifests) | {r for r, t in per_rank.items() if t.num_rows}
+    world = _world_size(manifests, present)
+    steps = {r: np.unique(t.column("step").to_numpy()) for r, t in per_rank.items()}
+    everything = np.unique(np.concatenate([*steps.values(), np.zeros(0, np.int64)]))
+    missing = tuple(r for r in range(world) if r not in present)
+    missing_steps = {
+        r: np.setdiff1d(everything, steps.get(r, np.zeros(0, np.int64))).tolist()
+        for r in sorted(present | set(range(world)))
+    }
+    unclosed = tuple(sorted(r for r, m in manifests.items() if "closed_at" not in m))
+    return RankCoverage(world, tuple(sorted(present)), missing, unclosed, missing_steps)
+
+
+def _sorted(parts: list[pa.Table]) -> pa.Table:
+    t = pa.concat_tables(parts)
+    if t.num_rows:
+        t = t.sort_by([("step", "ascending"), ("rank", "ascending")])
+    return t.unify_dictionaries().combine_chunks()
+
+
+def concat_ranks(
+    name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict] | None = None
+) -> pa.Table:
+    """All ranks' rows side by side, stable-sorted by ``(step, rank)``; nothing combined."""
+    tables = [per_rank[r] for r in sorted(per_rank)]
+    return _sorted(tables) if tables else empty_table(name)
+
+
+def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and their labels of a dictionary-encoded string column."""
+    arr = column.combine_chunks()
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.cast(pa.string()).dictionary_encode()
+    return arr.indices.to_numpy(zero_copy_only=False), arr.dictionary.to_pylist()
+
+
+def _labels(labels: list[str], codes: np.ndarray) -> pa.Array:
+    return pa.DictionaryArray.from_arrays(
+        pa.array(codes, pa.int32()), pa.array(labels, pa.string())
+    )
+
+
+def _groups(rank: np.ndarray, keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, starts)``: the rows sorted by ``keys`` (last most significant) then by
+    ``rank``, and the sorted position where each group of equal ``keys`` starts."""
+    order = np.lexsort([rank, *keys])
+    boundary = np.zeros(len(order), dtype=bool)
+    boundary[0] = True
+    for k in keys:
+        s = k[order]
+        boundary[1:] |= s[1:] != s[:-1]
+    return order, np.flatnonzero(boundary)
+
+
+def _complete(
+    starts: np.ndarray, s_rank: np.ndarray, member: np.ndarray, want: np.ndarray
+) -> np.ndarray:
+    """Per group (rows sorted by rank within it): exactly one row from each of the
+    ``want`` expected ranks (``member``: the row's rank is one of them)."""
+    sizes = np.diff(np.append(starts, len(s_rank)))
+    repeat = np.zeros(len(s_rank), dtype=bool)
+    repeat[1:] = s_rank[1:] == s_rank[:-1]
+    repeat[starts] = False
+    bad = np.add.reduceat((~member | repeat).astype(np.int64), starts)
+    return (sizes == want) & (bad == 0)
+
+
+def _group_reduce(
+    column: pa.ChunkedArray, order: np.ndarray, starts: np.ndarray, ufunc: np.ufunc
+) -> pa.Array:
+    """``ufunc`` reduced over each group; null where any member is null."""
+    arr = column.combine_chunks()
+    values = pc.fill_null(arr, 0).to_numpy(zero_copy_only=False)[order]
+    out = ufunc.reduceat(values, starts)
+    nulls = np.add.reduceat(arr.is_null().to_numpy(zero_copy_only=False)[order], starts)
+    return pa.array(out, type=arr.type, mask=nulls > 0)
+
+
+def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> pa.Table:
+    holders = shard_holders(manifests)
+    if not holders or not table.num_rows:
+        return table
+    kind = table.column("kind").cast(pa.string())
+    layer = table.column("layer").cast(pa.string())
+    is_shard = pc.and_(
+        pc.is_in(kind, value_set=pa.array(PARAM_KINDS)),
+        pc.is_in(layer, value_set=pa.array(sorted(holders))),
+    ).to_numpy(zero_copy_only=False)
+    shard_pos = np.flatnonzero(is_shard)
+    if not len(shard_pos):
+        return table
+    shards = table.take(shard_pos)
+    step = shards.column("step").to_numpy()
+    rank = shards.column("rank").to_numpy().astype(np.int64)
+    layer_codes, layer_labels = _codes(shards.column("layer"))
+    kind_codes, kind_labels = _codes(shards.column("kind"))
+    order, starts = _groups(rank, [kind_codes, layer_codes, step])
+    n = len(order)
+    sizes = np.diff(np.append(starts, n))
+    s_rank, s_layer = rank[order], layer_codes[order]
+    expected = [holders.get(label, frozenset()) for label in layer_labels]
+    width = max(max(max(h, default=0) for h in expected), int(rank.max())) + 1
+    is_holder = np.zeros((len(expected), width), dtype=bool)  # [layer code, rank]
+    for c, ranks in enumerate(expected):
+        is_holder[c, sorted(ranks)] = True
+    member = (s_rank >= 0) & is_holder[s_layer, np.maximum(s_rank, 0)]
+    want = np.array([len(h) for h in expected])[s_layer[starts]]
+    complete = _complete(starts, s_rank, member, want)
+
+    lengths = None
+    if name == "hist":
+        lengths = pc.list_value_length(shards.column("counts")).to_numpy(zero_copy_only=False)
+        if len(np.unique(lengths)) > 1:
+            complete[:] = False  # histogram layouts differ: nothing can be added up
+
+    kept = np.ones(table.num_rows, dtype=bool)
+    group_of_row = np.repeat(np.arange(len(starts)), sizes)
+    kept[shard_pos[order[complete[group_of_row]]]] = False
+    parts = [table.take(np.flatnonzero(kept))]
+
+    if complete.any():
+        first = np.minimum.reduceat(order, starts)
+        g_step = step[order][starts]
+        cols: dict[str, pa.Array] = {
+            "step": pa.array(g_step, pa.int64()),
+            "rank": pa.array(np.full(len(starts), MERGED_RANK), pa.int32()),
+            "layer": _labels(layer_labels, s_layer[starts]),
+            "kind": _labels(kind_labels, kind_codes[order][starts]),
+        }
+        if name == "layers":
+            for key in (*COUNT_KEYS, *MOMENT_KEYS):
+                ufunc = np.maximum if key == "max_abs" else np.add
+                cols[key] = _group_reduce(shards.column(key), order, starts, ufunc)
+        else:
+            bins = int(lengths[0])
+            flat = pc.list_flatten(shards.column("counts")).to_numpy(zero_copy_only=False)
+            summed = np.add.reduceat(flat.reshape(n, bins)[order], starts, axis=0)
+            offsets = pa.array(np.arange(len(starts) + 1) * bins, pa.int32())
+            cols["counts"] = pa.ListArray.from_arrays(offsets, pa.array(summed.ravel()))
+        merged = pa.Table.from_arrays(
+            [cols[f.name] for f in SCHEMAS[name]], schema=SCHEMAS[name]
+        ).filter(pa.array(complete))
+        position = np.lexsort((first[complete], g_step[complete]))
+        parts.insert(0, merged.take(position))  # in the order rank 0 wrote them
+
+    if not complete.all():
+        missing: set[int] = set()
+        steps: set[int] = set()
+        for g in np.flatnonzero(~complete):
+            rows = slice(starts[g], starts[g] + sizes[g])
+            missing |= expected[s_layer[starts[g]]] - set(s_rank[rows].tolist())
+            steps.add(int(step[order][starts[g]]))
+        who = f"rank(s) {', '.join(map(str, sorted(missing)))}" if missing else "no rank"
+        warnings.warn(
+            f"torchvitals: merging {name!r}: shards of {int((~complete).sum())} "
+            f"parameter row(s) at step(s) {_ranges(sorted(steps))} are incomplete "
+            f"(missing {who}); those rows are kept per rank, unmerged",
+            MissingRanksWarning,
+            stacklevel=3,
+        )
+    return _sorted(parts)
+
+
+def _global_grad_scalars(table: pa.Table, manifests: Mapping[int, dict]) -> pa.Table:
+    holders = shard_holders(manifests)
+    if not holders or not all(_dist(m).get("grads_on") == "rank0" for m in manifests.values()):
+        return table
+    expected = frozenset().union(*holders.values()) | {0}
+    names = table.column("name").cast(pa.string())
+    sel = table.filter(pc.is_in(names, value_set=pa.array(_GLOBAL_SCALARS)))
+    if not sel.num_rows:
+        return table
+    step = sel.column("step").to_numpy()
+    rank = sel.column("rank").to_numpy().astype(np.int64)
+    codes, labels = _codes(sel.column("name"))
+    value = sel.column("value").to_numpy(zero_copy_only=False)
+    order, starts = _groups(rank, [codes, step])
+    s_rank = rank[order]
+    member = np.isin(s_rank, np.array(sorted(expected)))
+    complete = _complete(starts, s_rank, member, np.full(len(starts), len(expected)))
+    if not complete.any():
+        return table
+    g_codes = codes[order][starts]
+    squares = np.add.reduceat(value[order] ** 2, starts)
+    sums = np.add.reduceat(value[order], starts)
+    is_norm = np.array([labels[c] == "grad_norm" for c in g_codes], dtype=bool)
+    merged = pa.table(
+        {
+            "step": pa.array(step[order][starts], pa.int64()),
+            "rank": pa.array(np.full(len(starts), MERGED_RANK), pa.int32()),
+            "name": _labels(labels, g_codes),
+            "value": pa.array(np.where(is_norm, np.sqrt(squares), sums)),
+        },
+        schema=SCHEMAS["scalars"],
+    ).filter(pa.array(complete))
+    return _sorted([merged, table])
+
+
+def merge_ranks(
+    name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]
+) -> pa.Table:
+    """The exact merge (see the module docstring); a ``torchvitals.run.MergeFn``.
+
+    Tables are stable-sorted by ``(step, rank)``, so a step's merged rows (rank -1)
+    come first, then each rank's rows in the order it wrote them.
+    """
+    table = concat_ranks(name, per_rank)
+    if name == "scalars":
+        coverage = rank_coverage(per_rank, manifests)
+        if not coverage.complete:
+            warnings.warn(
+                f"torchvitals: missing rank data: {coverage.describe()}; merged rows "
+                "(rank -1) exist only for steps every rank recorded",
+                MissingRanksWarning,
+                stacklevel=2,
+            )
+        return _global_grad_scalars(table, manifests)
+    if name in ("layers", "hist"):
+        return _merge_shards(name, table, manifests)
+    return table
