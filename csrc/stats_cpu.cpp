@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -42,6 +43,14 @@ struct ExponentBins {
   }
 };
 const ExponentBins<11, 1023> kF64Bins;
+
+// The hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at
+// load time, so one wheel runs everywhere and uses the wide vectors where they exist.
+#if defined(__x86_64__)
+#define kVectorClones __attribute__((target_clones("avx2", "default")))
+#else
+#define kVectorClones
+#endif
 
 // Element i widened to the accumulation type (fp16/bf16 widen to fp32 exactly).
 template <typename T>
@@ -84,75 +93,85 @@ inline int bin_of(double v) {
   return kF64Bins.bin[e] + ((e == 0) & ((bits & 0xfffffffffffffull) != 0));
 }
 
-// Bins of a block of fp32 values in branch-free integer arithmetic, which vectorises.
-inline void block_bins(const float* block, uint8_t* bins, int n) {
-  constexpr int kOffset = kHistFirstExp - kHistMinExp - 127;  // bin = biased exponent + offset
-  for (int i = 0; i < n; ++i) {
-    const uint32_t bits = f32_bits(block[i]);
-    const int e = static_cast<int>((bits >> 23) & 0xffu);
-    const int in_window = std::min(std::max(e + kOffset, kHistBelow), kHistAbove);
-    const int low = (bits & 0x7fffffu) ? kHistBelow : kHistZero;
-    bins[i] = static_cast<uint8_t>(e == 0 ? low : e == 0xff ? kHistNonFinite : in_window);
+// Histogram keys. The hot loop counts one byte-sized key per element and the keys are
+// folded into bins once per chunk: for fp32 the key is the biased exponent (one shift,
+// which vectorises), for fp64 the bin itself from the exponent table.
+struct F32Keys {
+  static uint8_t key(float v) { return static_cast<uint8_t>(f32_bits(v) >> 23); }
+  // Exponent 0 holds zeros and subnormals; `zeros` tells them apart.
+  static void fold(const uint32_t* counts, int64_t zeros, int64_t* hist) {
+    hist[kHistZero] += zeros;
+    hist[kHistBelow] += counts[0] - zeros;
+    for (int e = 1; e < 0xff; ++e) hist[hist_bin_for_exponent(e - 127)] += counts[e];
+    hist[kHistNonFinite] += counts[0xff];
   }
-}
+};
 
-inline void block_bins(const double* block, uint8_t* bins, int n) {
-  for (int i = 0; i < n; ++i) bins[i] = static_cast<uint8_t>(bin_of(block[i]));
-}
+struct F64Keys {
+  static uint8_t key(double v) { return static_cast<uint8_t>(bin_of(v)); }
+  static void fold(const uint32_t* counts, int64_t /*zeros*/, int64_t* hist) {
+    for (int k = 0; k < kHistBins; ++k) hist[k] += counts[k];
+  }
+};
 
 // The moments run over independent lanes so the compiler can vectorise them without
-// reassociating float adds; the histogram takes a separate scalar pass over the same
-// cache-hot block, spread over several copies to break repeated-bin store chains.
+// reassociating float adds; histogram keys are counted in a separate scalar pass over
+// the same cache-hot block, spread over several tables to break repeated-key store chains.
 template <typename T>
-__attribute__((target_clones("avx2", "default"))) void reduce_chunk(const void* data, int64_t begin,
-                                                                    int64_t end, double threshold,
-                                                                    ChunkResult& r) {
+kVectorClones void reduce_chunk(const void* data, int64_t begin, int64_t end, double threshold,
+                                ChunkResult& r) {
   using L = Loader<T>;
   using Acc = typename L::Acc;
+  using Keys = std::conditional_t<std::is_same_v<Acc, float>, F32Keys, F64Keys>;
   constexpr int kLanes = 8;
   constexpr int kBlock = 512;
   constexpr int kCopies = 4;
-  uint32_t hist[kCopies][kHistBins] = {};
+  uint32_t counts[kCopies][256] = {};
   // Every lane is double, counts included (exact below 2^53), so that the lanes have
   // one width and vectorise as a whole.
   double sum[kLanes] = {}, sumsq[kLanes] = {}, max_abs[kLanes] = {};
-  double saturated[kLanes] = {}, nan[kLanes] = {};
+  double saturated[kLanes] = {}, nan[kLanes] = {}, zeros[kLanes] = {};
   Acc block[kBlock];
+  uint8_t keys[kBlock];
 
+  auto visit = [&](int j, Acc x) {
+    const double v = static_cast<double>(x);
+    const double a = std::fabs(v);
+    const bool finite = a <= std::numeric_limits<double>::max();
+    const double f = finite ? v : 0.0;
+    sum[j] += f;
+    sumsq[j] += f * f;
+    max_abs[j] = std::max(max_abs[j], finite ? a : 0.0);
+    nan[j] += v != v ? 1.0 : 0.0;
+    zeros[j] += a == 0 ? 1.0 : 0.0;
+    saturated[j] += a >= threshold ? 1.0 : 0.0;  // false for NaN values and a NaN threshold
+  };
   for (int64_t b = begin; b < end; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
     for (int i = 0; i < n; ++i) block[i] = L::load(data, b + i);
-    for (int i = n; i < kBlock; ++i) block[i] = Acc{0};  // zero padding adds nothing
-    for (int i = 0; i < kBlock; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const double v = static_cast<double>(block[i + j]);
-        const double a = std::fabs(v);
-        const bool finite = a <= std::numeric_limits<double>::max();
-        const double f = finite ? v : 0.0;
-        sum[j] += f;
-        sumsq[j] += f * f;
-        max_abs[j] = std::max(max_abs[j], finite ? a : 0.0);
-        nan[j] += v != v ? 1.0 : 0.0;
-        saturated[j] += a >= threshold ? 1.0 : 0.0;  // false for NaN and a NaN threshold
-      }
-    }
-    uint8_t bins[kBlock];
-    block_bins(block, bins, n);
+    const int whole = n - n % kLanes;
+    for (int i = 0; i < whole; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) visit(j, block[i + j]);
+    for (int i = whole; i < n; ++i) visit(i - whole, block[i]);
+    for (int i = 0; i < n; ++i) keys[i] = Keys::key(block[i]);
     int i = 0;
     for (; i + kCopies <= n; i += kCopies)
-      for (int c = 0; c < kCopies; ++c) ++hist[c][bins[i + c]];
-    for (; i < n; ++i) ++hist[0][bins[i]];
+      for (int c = 0; c < kCopies; ++c) ++counts[c][keys[i + c]];
+    for (; i < n; ++i) ++counts[0][keys[i]];
   }
 
+  int64_t total_zeros = 0;
   for (int j = 0; j < kLanes; ++j) {
     r.sum += sum[j];
     r.sumsq += sumsq[j];
     r.max_abs = std::max(r.max_abs, max_abs[j]);
     r.saturated += static_cast<int64_t>(saturated[j]);
     r.nan += static_cast<int64_t>(nan[j]);
+    total_zeros += static_cast<int64_t>(zeros[j]);
   }
-  for (int c = 0; c < kCopies; ++c)
-    for (int k = 0; k < kHistBins; ++k) r.hist[k] += hist[c][k];
+  for (int c = 1; c < kCopies; ++c)
+    for (int k = 0; k < 256; ++k) counts[0][k] += counts[c][k];
+  Keys::fold(counts[0], total_zeros, r.hist);
   r.inf = r.hist[kHistNonFinite] - r.nan;
 }
 
@@ -165,18 +184,23 @@ inline void set_flag(uint8_t* flag) {
 }
 
 template <typename T>
-void mark_units(const void* data, int64_t begin, int64_t end, int64_t inner, int64_t units,
-                double threshold, uint8_t* positive, uint8_t* unsaturated) {
+kVectorClones void mark_units(const void* data, int64_t begin, int64_t end, int64_t inner,
+                              int64_t units, double threshold, uint8_t* positive,
+                              uint8_t* unsaturated) {
   using L = Loader<T>;
   auto is_positive = [](double v) -> uint8_t { return v > 0; };
   auto is_unsaturated = [threshold](double v) -> uint8_t { return !(std::fabs(v) >= threshold); };
   const int64_t first_unit = (begin / inner) % units;
   if (inner == 1) {  // [..., F]: consecutive elements are consecutive units
-    thread_local std::vector<uint8_t> pos, unsat;
+    thread_local std::vector<uint8_t> pos_slots, unsat_slots;
     const int64_t n = end - begin;
     const int64_t slots = std::min(n, units);  // slot k is unit first_unit + k (mod units)
-    pos.assign(static_cast<size_t>(slots), 0);
-    unsat.assign(static_cast<size_t>(slots), 0);
+    pos_slots.assign(static_cast<size_t>(slots), 0);
+    unsat_slots.assign(static_cast<size_t>(slots), 0);
+    // Raw restrict pointers: byte stores through the vectors could alias anything,
+    // which would reload their data pointers on every element.
+    uint8_t* __restrict pos = pos_slots.data();
+    uint8_t* __restrict unsat = unsat_slots.data();
     for (int64_t i = begin; i < end; i += slots) {
       const int64_t m = std::min(slots, end - i);
       for (int64_t k = 0; k < m; ++k) {
