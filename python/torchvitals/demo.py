@@ -42,7 +42,7 @@ def make_model(seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in model:
             if isinstance(m, nn.Linear):
-                m.weight.mul_(0.05)  # start near the saddle at zero: a long plateau
+                m.weight.mul_(0.06)  # start near the saddle at zero: a long plateau
                 m.bias.zero_()
     return model
 
@@ -53,7 +53,7 @@ def train(out: str | Path, steps: int = STEPS, seed: int = 0, progress=None) -> 
 
     x, y = make_data(seed)
     model = make_model(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9)
     drop_at = int(steps * LR_DROP_STEP / STEPS)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [drop_at], gamma=0.1)
     gen = torch.Generator().manual_seed(seed + 1)
