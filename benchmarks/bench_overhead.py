@@ -2,7 +2,9 @@
 
 Each variant trains its own copy of the model (same initial weights, same batches),
 and the variants' steps are interleaved, so drifts hit them all alike. Variants:
-``none``; ``torchvitals`` (every step: gradients, activations, histograms, scalars);
+``none``; ``torchvitals`` (every step: gradients, activations, histograms, scalars) and
+``torchvitals-no-acts`` (the same without activation hooks) and ``torchvitals-acts/10``
+(activations every 10th step);
 ``naive`` hooks (per-layer ``.norm().item()`` and ``torch.histc(...).cpu()``);
 ``wandb.watch(log="all", log_freq=1)`` offline and TensorBoard ``add_histogram``
 per layer where those packages are installed.
@@ -120,12 +122,12 @@ def build_variants(
     base, (x, y), loss_fn, amp = make_task(kind, device)
     monitors: list[torchvitals.Monitor] = []
 
-    def trainer(model, after_backward=None, monitor_path=None):
+    def trainer(model, after_backward=None, monitor_path=None, **monitor_options):
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
         mon = None
         if monitor_path is not None:
-            mon = torchvitals.Monitor(model, monitor_path, optimizer=opt)
+            mon = torchvitals.Monitor(model, monitor_path, optimizer=opt, **monitor_options)
             monitors.append(mon)
         hook = after_backward(model) if after_backward else None
 
@@ -145,6 +147,14 @@ def build_variants(
     variants = {
         "none": trainer(copy.deepcopy(base)),
         "torchvitals": trainer(copy.deepcopy(base), monitor_path=os.path.join(workdir, kind)),
+        # the same without activations: what gradients, weights and scalars cost alone
+        "torchvitals-no-acts": trainer(
+            copy.deepcopy(base), monitor_path=os.path.join(workdir, f"{kind}-g"), activations=False
+        ),
+        # activations every 10th step, gradients every step
+        "torchvitals-acts/10": trainer(
+            copy.deepcopy(base), monitor_path=os.path.join(workdir, f"{kind}-a"), act_every=10
+        ),
         "naive": trainer(copy.deepcopy(base), naive_hooks),
     }
     if tools:

@@ -236,24 +236,11 @@ def test_nan_input_is_nonfinite_at_its_step_in_the_first_layer(nan_run):
     assert not [e for e in r.events if e.kind in ("spike", "divergence", "outlier")], r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ties in event.layers are broken alphabetically: every layer turns NaN at the "
-    "same step, the cause names 'stem' (first in forward order, from the run's layer "
-    "order) but _nonfinite_event sorts (step, name, count) so event.layers starts with "
-    "'act', then 'head', 'head.bias', 'head.weight', 'stem'.",
-)
 def test_nan_input_first_attributed_layer_is_the_first_in_forward_order(nan_run):
     ev = kinds(nan_run.events, "nonfinite")[0]
     assert ev.layers[0][0] == "stem", ev.layers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NaN activations are counted as dead units: after the NaN at step 150 every "
-    "unit is NaN, 'never positive', so dead_units findings are reported (critical, 100%, "
-    "'up from 0%') for 'stem', 'act' and 'head' although no unit died.",
-)
 def test_nan_input_reports_no_dead_units(nan_run):
     assert not kinds(nan_run.events, "dead_units"), nan_run
 

@@ -105,6 +105,7 @@ def test_dead_relu_units_and_saturated_tanh(tmp_path):
     assert acts.loc["2", "units"] == 8 and acts.loc["2", "dead_units"] == 3  # ReLU, NCHW dim 1
     assert acts.loc["5", "units"] == 16 and acts.loc["5", "saturated_units"] == 5  # Tanh input
     assert acts.loc["5", "dead_units"] == 0  # undefined for a Tanh input: reported as 0
+    assert acts.loc["4", "dead_units"] == 0  # a Linear output is no rectifier: not counted
     assert acts.loc["5", "saturated"] >= 5 * 16
 
 
@@ -199,6 +200,16 @@ def test_attaching_twice_and_closing_mid_run(tmp_path):
     assert torchvitals.load_run(tmp_path / "a").scalar("loss")[0].tolist() == [0, 1]
     second = torchvitals.Monitor(model, tmp_path / "b", optimizer=opt)  # allowed after close
     second.close()
+
+
+def test_activations_at_their_own_cadence(tmp_path):
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt, act_every=3) as mon:
+        train(model, opt, mon, steps=7)
+    run = torchvitals.load_run(tmp_path / "run")
+    assert sorted(layer_rows(run, "act")["step"].unique()) == [0, 3, 6]
+    assert sorted(layer_rows(run, "grad")["step"].unique()) == list(range(7))
 
 
 def test_weights_every_n_steps(tmp_path):

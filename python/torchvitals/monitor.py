@@ -78,7 +78,7 @@ class _Batch:
     moments: torch.Tensor
     counts: torch.Tensor
     hist: torch.Tensor
-    # Rows measured on a Sigmoid/Tanh input: "never positive" means nothing there.
+    # Rows whose "never positive" count is no dead-unit count (see HookSpec.counts_dead).
     dead_undefined: list[bool] = field(default_factory=list)
 
 
@@ -103,8 +103,9 @@ def _default_rank() -> tuple[int, int]:
 class Monitor:
     """Every-step telemetry for ``model`` (and ``optimizer``), written to ``path``.
 
-    ``every`` sets the cadence of gradients and activations; ``weight_every`` that of
-    weight norms. ``on_full`` says what happens when the writer falls behind:
+    ``every`` sets the cadence of gradients and, unless ``act_every`` is given, of
+    activations (the costly part on a CPU: one extra pass over them); ``weight_every``
+    that of weight norms. ``on_full`` says what happens when the writer falls behind:
     ``"drop"`` (count and drop the step's record) or ``"block"``.
 
     ``optimizer`` may be a list (each optimizer's gradients are read at its own step).
@@ -124,6 +125,7 @@ class Monitor:
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
         scaler: torch.amp.GradScaler | None = None,
         every: int = 1,
+        act_every: int | None = None,
         weight_every: int = 100,
         activations: bool = True,
         act_grads: bool = False,
@@ -147,12 +149,15 @@ class Monitor:
                 f"a torchvitals Monitor writing to {previous.path!s} is already attached to "
                 "this model; call its close() before attaching another"
             )
-        if every < 1 or weight_every < 1:
-            raise ValueError(f"every={every} and weight_every={weight_every} must be >= 1")
+        act_every = every if act_every is None else act_every
+        if min(every, act_every, weight_every) < 1:
+            raise ValueError(
+                f"every={every}, act_every={act_every} and weight_every={weight_every} must be >= 1"
+            )
         types = tuple(types)
         self.config = MonitorConfig(
             grad_every=every,
-            act_every=every,
+            act_every=act_every,
             weight_every=weight_every,
             histograms=histograms,
             activations=activations,
@@ -343,7 +348,7 @@ class Monitor:
         self._recording_acts = False
         self._acts_done = True
         stashed, self._stashed_acts = self._stashed_acts, []
-        names, tensors, dims, thresholds, of_input = [], [], [], [], []
+        names, tensors, dims, thresholds, dead_undefined = [], [], [], [], []
         previous = None
         for spec, x in stashed:
             dim = feature_dim(spec, x.dim(), previous)
@@ -353,8 +358,8 @@ class Monitor:
             tensors.append(x)
             dims.append(dim)
             thresholds.append(spec.saturation)
-            of_input.append(spec.of_input)
-        self._reduce("act", names, tensors, dims, thresholds, of_input)
+            dead_undefined.append(not spec.counts_dead)
+        self._reduce("act", names, tensors, dims, thresholds, dead_undefined)
 
     def _optimizer_hook(self) -> Callable:
         def on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:

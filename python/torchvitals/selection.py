@@ -44,6 +44,9 @@ class HookSpec:
     of_input: bool  # measure the module's input (pre-activation) instead of its output
     saturation: float | None
     channel_first: bool | None  # True: units along dim 1; False: last dim; None: by shape
+    # "Never positive" means a dead unit only after a rectifier (or a module picked by
+    # name); on a pre-activation, a sigmoid/tanh input or a softmax it means nothing.
+    counts_dead: bool = False
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -80,7 +83,7 @@ def spec_for(name: str, module: nn.Module) -> HookSpec:
         return HookSpec(name, kind, False, PREACTIVATION_SATURATION, True)
     if isinstance(module, LAYERS):
         return HookSpec(name, kind, False, PREACTIVATION_SATURATION, False)
-    return HookSpec(name, kind, False, None, None)
+    return HookSpec(name, kind, False, None, None, counts_dead=True)
 
 
 def feature_dim(spec: HookSpec, ndim: int, previous: tuple[int, int] | None) -> int | None:

@@ -116,7 +116,7 @@ def _nonfinite_event(step, loss, series, curve_events):
                 idx = np.flatnonzero(np.asarray(v) > 0)
                 if idx.size:
                     ranked.append((int(step[idx[0]]), layer, float(v[idx[0]])))
-        ranked.sort()
+        ranked.sort(key=lambda r: r[0])  # stable: ties keep the run's (forward) layer order
         ev.layers = [(lay, "nonfinite", cnt, int(at - s)) for s, lay, cnt in ranked[:10]]
         ev.evidence["first_layer_step"] = float(first_layer[1])
     return ev

@@ -140,7 +140,11 @@ def _layer_series(layers, steps_all):
     if "act" in kind_idx:
         m = kcodes == kind_idx["act"]
         with np.errstate(divide="ignore", invalid="ignore"):
-            dead = np.where(cols["units"] > 0, cols["dead_units"] / cols["units"], np.nan)
+            # A unit that saw only NaN was never positive, yet it did not die: unknown.
+            finite = cols["nan"] + cols["inf"] == 0
+            dead = np.where(
+                (cols["units"] > 0) & finite, cols["dead_units"] / cols["units"], np.nan
+            )
             sat = np.where(cols["numel"] > 0, cols["saturated"] / cols["numel"], np.nan)
         gd, gs = grid(m, dead), grid(m, sat)
         for j, name in enumerate(lnames):
