@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small model, record it, detect events, report")
     p.add_argument("--out", default="runs/demo", help="run directory to create")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=4000)
     p.set_defaults(func=cmd_demo)
     return parser
 

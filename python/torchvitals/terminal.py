@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from torchvitals.analysis import Event
+from torchvitals.analysis.events import CURVE_KINDS
 from torchvitals.report import EVENT_COLUMNS, WORST_COLUMNS, event_rows, worst_layers
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
@@ -32,5 +33,8 @@ def print_summary(
     console = console or Console()
     # The attribution is in each cause already; the HTML report has it as a column.
     columns = [c for c in EVENT_COLUMNS if c != "attribution"]
-    console.print(_rich_table(f"{len(events)} events", event_rows(events), columns, "severity"))
+    # Curve events always; layer findings only when they warn: info ones are in the report.
+    shown = [e for e in events if e.kind in CURVE_KINDS or e.severity != "info"]
+    title = f"{len(shown)} of {len(events)} events (info-level layer findings: see the report)"
+    console.print(_rich_table(title, event_rows(shown), columns, "severity"))
     console.print(_rich_table("Worst layers", worst_layers(series), WORST_COLUMNS))

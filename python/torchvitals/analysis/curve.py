@@ -349,11 +349,10 @@ def _improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, cmask
                 cm[np.minimum(i + g + 1, m)] - cm[np.maximum(i - w // 2 - 1, 0)] > 0, Z_LR, z
             )
     thr = np.maximum(z * sig_e, MIN_EFFECT)
-    # lowest smoothed level in the left window: the improvement must go below it
-    # ... and below the best smoothed level of the preceding 4 windows (a recovery from a
-    # spike is not an improvement)
-    run_lo = np.array([c_sm[max(0, k - 4 * w) : k].min() for k in i])
-    lmin = run_lo
+    # the improvement must set a new best: below the best window median of the preceding
+    # four windows (a recovery from a spike is not an improvement). Window medians, not
+    # single points: the minimum of a noisy curve sits far below its level.
+    lmin = np.array([med_w[max(0, k - 4 * w) : k - w + 1].min() for k in i])
     ok = (
         (thr <= -E)
         & (SUDDEN * np.abs(sl) * w <= -E)
@@ -437,7 +436,8 @@ def _improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, cmask
                 if ev["lr_change_step"] < s_on
                 else int(ev["lr_change_step"])
             )
-        s_end = step[int(bounds[end + 1]) - 1]
+        # an lr_drop starts at the LR change, which may come after the noisy knee estimate
+        s_end = max(step[int(bounds[end + 1]) - 1], s_on)
         out.append(
             (Event(kind, s_on, s_end, "info", cause.strip(), ev, metric=metric), on, eff, end)
         )

@@ -50,7 +50,7 @@ def _fraction_finding(kind, layer, c, cstep, end_thr, crit_thr, grow_thr, what):
         return None
     sev = "critical" if end >= crit_thr else "warning"
     at = _first_above(c, cstep, start + 0.5 * grown if grown >= grow_thr else end_thr)
-    cause = f"{what} {end:.0%} of units in {layer}" + (
+    cause = f"{what.format(f'{end:.0%}')} {layer}" + (
         f" (up from {start:.0%})" if grown >= grow_thr else ""
     )
     ev = {"start_frac": start, "end_frac": end, "growth": grown}
@@ -75,13 +75,27 @@ def layer_findings(step: np.ndarray, series: dict[str, np.ndarray]) -> list[Even
             continue
         if metric == "dead_frac":
             ev = _fraction_finding(
-                "dead_units", layer, c, cstep, DEAD_END, DEAD_CRIT, DEAD_GROW, "dead:"
+                "dead_units",
+                layer,
+                c,
+                cstep,
+                DEAD_END,
+                DEAD_CRIT,
+                DEAD_GROW,
+                "dead: {} of units in",
             )
             if ev:
                 out.append(ev)
         elif metric == "sat_frac":
             ev = _fraction_finding(
-                "saturation", layer, c, cstep, SAT_END, SAT_CRIT, SAT_GROW, "saturated:"
+                "saturation",
+                layer,
+                c,
+                cstep,
+                SAT_END,
+                SAT_CRIT,
+                SAT_GROW,
+                "saturated: {} of activations in",
             )
             if ev:
                 out.append(ev)
