@@ -12,6 +12,7 @@ import pytest
 
 from torchvitals.analysis.detect import detect_events
 from torchvitals.analysis.events import Event
+from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
 
 CURVES = Path(__file__).resolve().parents[2] / "shared" / "curves"
 
@@ -216,25 +217,7 @@ def fake_run(n=200, layers=("l1", "l2"), drop=120):
             "value": pa.array(vals, pa.float64()),
         }
     )
-    rows = {
-        k: []
-        for k in (
-            "step",
-            "layer",
-            "kind",
-            "numel",
-            "nan",
-            "inf",
-            "zeros",
-            "saturated",
-            "units",
-            "dead_units",
-            "saturated_units",
-            "sum",
-            "sumsq",
-            "max_abs",
-        )
-    }
+    rows = {k: [] for k in ("step", "layer", "kind", *COUNT_KEYS, *MOMENT_KEYS)}
     for s in range(n):
         for _li, layer in enumerate(layers):
             for kind in ("grad", "act", "weight"):
