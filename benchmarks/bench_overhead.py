@@ -118,17 +118,18 @@ def make_task(kind: str, device: str):
 
 def build_variants(
     kind: str, device: str, workdir: str, tools: bool
-) -> dict[str, Callable[[], None]]:
+) -> tuple[dict[str, Callable[[], None]], dict[str, torchvitals.Monitor]]:
     base, (x, y), loss_fn, amp = make_task(kind, device)
-    monitors: list[torchvitals.Monitor] = []
+    monitors: dict[str, torchvitals.Monitor] = {}  # by variant name
 
-    def trainer(model, after_backward=None, monitor_path=None, **monitor_options):
+    def trainer(model, after_backward=None, monitor_name=None, **monitor_options):
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.startswith("cuda"))
         mon = None
-        if monitor_path is not None:
-            mon = torchvitals.Monitor(model, monitor_path, optimizer=opt, **monitor_options)
-            monitors.append(mon)
+        if monitor_name is not None:
+            path = os.path.join(workdir, kind, monitor_name.replace("/", "-"))
+            mon = torchvitals.Monitor(model, path, optimizer=opt, **monitor_options)
+            monitors[monitor_name] = mon
         hook = after_backward(model) if after_backward else None
 
         def step():
@@ -146,14 +147,18 @@ def build_variants(
 
     variants = {
         "none": trainer(copy.deepcopy(base)),
-        "torchvitals": trainer(copy.deepcopy(base), monitor_path=os.path.join(workdir, kind)),
+        "torchvitals": trainer(copy.deepcopy(base), monitor_name="torchvitals"),
         # the same without activations: what gradients, weights and scalars cost alone
         "torchvitals-no-acts": trainer(
-            copy.deepcopy(base), monitor_path=os.path.join(workdir, f"{kind}-g"), activations=False
+            copy.deepcopy(base),
+            monitor_name="torchvitals-no-acts",
+            activations=False,
         ),
         # activations every 10th step, gradients every step
         "torchvitals-acts/10": trainer(
-            copy.deepcopy(base), monitor_path=os.path.join(workdir, f"{kind}-a"), act_every=10
+            copy.deepcopy(base),
+            monitor_name="torchvitals-acts/10",
+            act_every=10,
         ),
         "naive": trainer(copy.deepcopy(base), naive_hooks),
     }
@@ -189,6 +194,10 @@ def main() -> None:
                 variants, device=device, repeats=args.repeats, inner=args.inner
             )
             base = timing.median(samples["none"])
+            dropped = {}
+            for name, mon in monitors.items():
+                mon.close()
+                dropped[name] = mon.writer.dropped
             for name, s in samples.items():
                 t = timing.median(s)
                 rows.append(
@@ -197,18 +206,12 @@ def main() -> None:
                         "variant": name,
                         "median_step_ms": round(t * 1e3, 2),
                         "overhead_%": round((t / base - 1) * 100, 2),
+                        "dropped_records": dropped.get(name, ""),
                     }
                 )
-            for mon in monitors:
-                mon.close()
-                rows.append(
-                    {
-                        "model": kind,
-                        "variant": "torchvitals dropped records",
-                        "median_step_ms": mon.writer.dropped,
-                    }
-                )
-    print(timing.table(rows, ["model", "variant", "median_step_ms", "overhead_%"]))
+    print(
+        timing.table(rows, ["model", "variant", "median_step_ms", "overhead_%", "dropped_records"])
+    )
     env = timing.environment(device)
     tag = env.get("gpu", "cpu").replace(" ", "-") if device.startswith("cuda") else "cpu"
     print(f"saved {timing.save(f'overhead-{tag}', {'env': env, 'rows': rows})}")

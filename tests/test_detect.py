@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -317,16 +316,17 @@ def test_unsorted_steps_are_sorted():
     assert len(kinds(ev, "kick_in")) == 1
 
 
-# ---------------------------------------------------------------------- performance
-def test_performance_scaled():
-    """100k steps x 20 layers well under a second-ish budget (1M x 200: benchmarks)."""
+# ---------------------------------------------------------------------- long runs
+def test_long_noisy_run_without_events():
+    """100k steps x 20 layers of plain noisy decay: nothing to report on the curve (the time
+    for 1M x 200 is measured by ``benchmarks/eval_curves.py --perf``, not in a test)."""
     rng = np.random.default_rng(13)
     n = 100_000
     loss = base_curve(n, rng, 0.05)
     series = {f"grad_norm/l{k}": np.abs(1 + 0.1 * rng.standard_normal(n)) for k in range(20)}
-    t0 = time.perf_counter()
-    detect_events(loss=loss, lr=np.full(n, 0.1), grad_norm=np.ones(n), **series)
-    assert time.perf_counter() - t0 < 5.0
+    ev = detect_events(loss=loss, lr=np.full(n, 0.1), grad_norm=np.ones(n), **series)
+    curve = [e for e in ev if e.kind in ("spike", "divergence", "lr_drop", "nonfinite")]
+    assert not curve, curve
 
 
 # ---------------------------------------------------------------------- real curves
