@@ -25,6 +25,12 @@ step() {  # step NAME CMD...: runs CMD, logs to $out/NAME.txt, remembers failure
 } >"$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 
+# The GPU image lacks a few test dependencies (polars, duckdb, ruptures as of 2026-11): carry
+# their wheels in .whl/ (see the device tool's notes) and they are put on the path here.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 step build env TORCHVITALS_CUDA=ON python -m pip install --no-build-isolation --no-deps -v .
 step tests python -m pytest -q -p no:cacheprovider tests
 kernel_tests="tests/test_engine.py tests/test_engine_cuda.py"
