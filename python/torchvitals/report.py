@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from torchvitals.analysis import Event
 from torchvitals.analysis.runtables import series_from_run
@@ -155,11 +157,18 @@ def _heatmap(step, series: dict[str, np.ndarray], metric: str, title: str, log: 
 def _histogram_plot(run: Run, layer: str, kind: str) -> str | None:
     import matplotlib.pyplot as plt
 
-    table = run.to_pandas("hist")
-    rows = table[(table["layer"] == layer) & (table["kind"] == kind)]
-    if rows.empty:
+    table = run.hist
+    rows = table.filter(
+        pc.and_(
+            pc.equal(pc.cast(table["layer"], pa.string()), layer),
+            pc.equal(pc.cast(table["kind"], pa.string()), kind),
+        )
+    )
+    if rows.num_rows == 0:
         return None
-    counts = np.stack(rows["counts"].to_numpy()).astype(np.float64).T  # [bins, steps]
+    rows = rows.filter(pc.equal(rows["rank"], pc.min(rows["rank"])))  # merged rows (-1) first
+    flat = rows["counts"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    counts = flat.reshape(rows.num_rows, -1).astype(np.float64).T  # [bins, steps]
     steps = rows["step"].to_numpy()
     labels = hist_edges().labels
     used = np.flatnonzero(counts.sum(axis=1) > 0)
