@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from torchvitals.analysis import Event
+from torchvitals.analysis.events import CURVE_KINDS, SEVERITIES
 from torchvitals.analysis.runtables import series_from_run
 from torchvitals.histogram import hist_edges
 from torchvitals.run import Run
@@ -200,7 +201,9 @@ def attribution_text(event: Event, top: int = 3) -> str:
     """The first ``top`` attributed changes, e.g. ``fc1 grad_norm x4.2 (lead 12)``."""
     parts = []
     for layer, metric, change, lead in list(event.layers)[:top]:
-        parts.append(f"{layer} {metric} {change:+.2f} (lead {lead})")
+        # fractions change by a difference, everything else by a log-ratio (analysis.Event)
+        size = f"{change:+.2f}" if metric.endswith("_frac") else f"x{math.exp(change):.3g}"
+        parts.append(f"{layer} {metric} {size} (lead {lead})")
     return "; ".join(parts)
 
 
@@ -263,13 +266,18 @@ def write_report(
         say(f"histogram {layer}")
         sections.append((f"Histogram evolution: {layer}", _histogram_plot(run, layer, "grad")))
 
-    figures = "".join(
+    loss_figure, *figures = [
         f"<h2>{html.escape(title)}</h2>"
         f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>"
         for title, png in sections
         if png is not None
+    ]
+    # Curve events first, then layer findings from the most severe down.
+    ordered = sorted(
+        events,
+        key=lambda e: (e.kind not in CURVE_KINDS, -SEVERITIES.index(e.severity), e.step),
     )
-    event_table = _table(event_rows(events), EVENT_COLUMNS)
+    event_table = _table(event_rows(ordered), EVENT_COLUMNS)
     worst = worst_layers(series)
     worst_columns = WORST_COLUMNS
     title = html.escape(f"torchvitals report: {run.path}")
@@ -285,9 +293,10 @@ img {{ max-width: 100%; }}
 <h1>{title}</h1>
 <p>{len(step)} steps, {len({k.split("/", 1)[1] for k in series if "/" in k})} layers,
 ranks {html.escape(str(run.ranks))}.</p>
+{loss_figure}
 <h2>Events</h2>{event_table}
 <h2>Worst layers</h2>{_table(worst, worst_columns)}
-{figures}
+{"".join(figures)}
 </body></html>
 """
     out = Path(out)
