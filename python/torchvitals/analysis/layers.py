@@ -15,6 +15,7 @@ one O(N) pass per series. Thresholds:
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -123,6 +124,13 @@ def layer_findings(step: np.ndarray, series: dict[str, np.ndarray]) -> list[Even
 
 
 def _gradient_findings(grads: dict[str, np.ndarray], cstep: np.ndarray) -> list[Event]:
+    # Steps where every layer's gradient is NaN (a NaN run) give NaN medians, as meant.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
+        return _gradient_findings_of(grads, cstep)
+
+
+def _gradient_findings_of(grads: dict[str, np.ndarray], cstep: np.ndarray) -> list[Event]:
     out = []
     names = list(grads)
     mat = np.vstack([grads[k] for k in names])  # layers x time
