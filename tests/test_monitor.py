@@ -212,6 +212,16 @@ def test_activations_at_their_own_cadence(tmp_path):
     assert sorted(layer_rows(run, "grad")["step"].unique()) == list(range(7))
 
 
+def test_strict_monitor_on_an_unwritable_path_leaves_no_hooks(tmp_path):
+    model = small_cnn()
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a directory")
+    with pytest.raises(OSError):
+        torchvitals.Monitor(model, afile / "run", strict=True)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    torchvitals.Monitor(model, tmp_path / "run").close()  # the model is free to attach again
+
+
 def test_weights_every_n_steps(tmp_path):
     model = small_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -205,7 +205,7 @@ class Monitor:
 
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         hooked = select_modules(model, types, include, exclude) if activations else []
-        self._register_hooks(hooked)
+        # The writer first: if it raises (strict mode), no hook is left behind on the model.
         self.writer = RunWriter(
             path,
             manifest=self._manifest(hooked, ddp),
@@ -214,6 +214,7 @@ class Monitor:
             on_full=on_full,
             strict=strict,
         )
+        self._register_hooks(hooked)
         setattr(model, _ATTACHED, self)
 
     # --- set-up ---------------------------------------------------------------------
