@@ -222,6 +222,45 @@ def test_strict_monitor_on_an_unwritable_path_leaves_no_hooks(tmp_path):
     torchvitals.Monitor(model, tmp_path / "run").close()  # the model is free to attach again
 
 
+def test_outputs_modified_in_place_later_are_measured_before_the_change(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(inplace=True), nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(64, 6)
+    with (
+        pytest.warns(UserWarning, match="modified in place"),
+        torchvitals.Monitor(model, tmp_path / "run", optimizer=opt) as mon,
+    ):
+        for _ in range(3):
+            model(x).sum().backward()
+            opt.step()
+            mon.step()
+    linear_out = model[0](x).detach()
+    acts = layer_rows(torchvitals.load_run(tmp_path / "run"), "act")
+    first = acts[acts["layer"] == "0"]
+    assert first["step"].tolist() == [1, 2]  # step 0 saw the overwritten tensor: dropped
+    ref = tensor_stats_reference([linear_out], feature_dim=-1, saturation=6.0)
+    for _, row in first.iterrows():
+        assert row["zeros"] == 0 and row["sum"] == pytest.approx(float(ref["sum"][0]), rel=1e-9)
+    relu = acts[acts["layer"] == "1"]
+    assert (relu["zeros"] > 0).all() and relu["step"].tolist() == [0, 1, 2]
+
+
+def test_activation_gradients_once_per_step_under_accumulation(tmp_path):
+    model = small_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt, act_grads=True) as mon:
+        for x, y in batches(2):
+            for _ in range(3):  # three micro-batches per optimizer step
+                nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step()
+    rows = layer_rows(torchvitals.load_run(tmp_path / "run"), "act_grad")
+    assert rows.groupby(["step", "layer"]).size().max() == 1
+    assert sorted(rows["step"].unique()) == [0, 1]
+
+
 def test_weights_every_n_steps(tmp_path):
     model = small_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

@@ -58,7 +58,6 @@ class TableBuilder:
         self.kinds = {f.name: _column_kind(f.type) for f in self.schema}
         self.parts: dict[str, list[Any]] = {n: [] for n in self.kinds}
         self.items = 0
-        self.rows = 0
         self.max_step: int | None = None
 
     def add(self, cols: Columns) -> None:
@@ -137,7 +136,6 @@ class TableBuilder:
             else:
                 p.append(list(v) if isinstance(v, list) else v)
         self.items += 1
-        self.rows += n
 
     def _list_value(self, k: str, v: Any) -> tuple[np.ndarray, np.ndarray, bool]:
         """``(lengths, flat values, valid)`` of a list column: 2-D array = rows, 1-D = one row."""

@@ -192,7 +192,8 @@ class Monitor:
         self._warned: set[str] = set()
         self._pending: list[_Batch] = []
         self._graph_batches: list[_Batch] = []
-        self._stashed_acts: list[tuple[HookSpec, torch.Tensor]] = []
+        self._stashed_acts: list[tuple[HookSpec, torch.Tensor, int | None]] = []
+        self._reduce_in_hook: set[str] = set()  # modules whose output is changed in place
         self._stashed_act_grads: list[tuple[str, torch.Tensor]] = []
         self._recording_acts = False
         self._acts_done = False
@@ -293,17 +294,20 @@ class Monitor:
                 if self.config.strict:
                     raise
                 key = getattr(fn, "__name__", "hook")
-                if key not in self._warned:
-                    self._warned.add(key)
-                    warnings.warn(
-                        f"torchvitals: {key} failed and was skipped ({type(exc).__name__}: {exc}); "
-                        "training continues",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+                self._warn_once(
+                    key,
+                    f"torchvitals: {key} failed and was skipped ({type(exc).__name__}: {exc}); "
+                    "training continues",
+                    RuntimeWarning,
+                )
                 return None
 
         return guarded
+
+    def _warn_once(self, key: str, message: str, category: type[Warning] = UserWarning) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, category, stacklevel=3)
 
     # --- hooks ----------------------------------------------------------------------
 
@@ -325,8 +329,17 @@ class Monitor:
             if not self._recording_acts:
                 return
             x = _first_tensor(args if spec.of_input else output)
-            if x is not None and x.is_floating_point() and x.layout == torch.strided:
-                self._stashed_acts.append((spec, x.detach()))
+            if x is None or not x.is_floating_point() or x.layout != torch.strided:
+                return
+            if spec.name in self._reduce_in_hook:  # its output is overwritten later
+                dim = feature_dim(spec, x.dim(), None)
+                self._reduce("act", [spec.name], [x], [dim], [spec.saturation],
+                             [not spec.counts_dead])  # fmt: skip
+            else:
+                # detach() shares the version counter: an in-place op later shows up.
+                # (Compiled graphs functionalize in-place ops; their versions mean nothing.)
+                version = None if torch.compiler.is_compiling() else x._version
+                self._stashed_acts.append((spec, x.detach(), version))
 
         on_forward.__name__ = "activation hook"
         return on_forward
@@ -334,7 +347,9 @@ class Monitor:
     def _act_grad_hook(self, name: str) -> Callable:
         def on_backward(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
             g = _first_tensor(grad_output)
-            if g is not None and self.step_count % self.config.grad_every == 0:
+            # Under gradient accumulation only the step's first backward is kept.
+            seen = any(n == name for n, _ in self._stashed_act_grads)
+            if g is not None and not seen and self.step_count % self.config.grad_every == 0:
                 self._stashed_act_grads.append((name, g.detach()))
 
         on_backward.__name__ = "activation-gradient hook"
@@ -351,7 +366,17 @@ class Monitor:
         stashed, self._stashed_acts = self._stashed_acts, []
         names, tensors, dims, thresholds, dead_undefined = [], [], [], [], []
         previous = None
-        for spec, x in stashed:
+        for spec, x, version in stashed:
+            if version is not None and x._version != version:
+                # An in-place op (ReLU(inplace=True), `out += identity`) overwrote this
+                # output after its hook: measure it in the hook from now on, drop it now.
+                self._reduce_in_hook.add(spec.name)
+                self._warn_once(
+                    f"inplace:{spec.name}",
+                    f"torchvitals: the output of {spec.name!r} is modified in place later in "
+                    "the forward; from the next step on it is measured in its own hook",
+                )
+                continue
             dim = feature_dim(spec, x.dim(), previous)
             if dim is not None and not spec.of_input:
                 previous = (x.dim(), dim)
@@ -513,11 +538,7 @@ class Monitor:
         """Ends the current step: records its statistics and scalars (tensors welcome:
         they are read on the writer thread, never with a sync here)."""
         if self.closed:
-            if "closed" not in self._warned:
-                self._warned.add("closed")
-                warnings.warn(
-                    "torchvitals: Monitor.step() after close() records nothing", stacklevel=2
-                )
+            self._warn_once("closed", "torchvitals: Monitor.step() after close() records nothing")
             return
         self._guard(self._step)(loss, scalars)
         if self._live is not None:  # apart from _step: every rank must reduce every step
@@ -550,7 +571,10 @@ class Monitor:
             self._collect_weights()
         host, device = self._device_scalars(loss, scalars)
         host["step_time"] = step_time
-        batches, self._pending = self._pending or list(self._graph_batches), []
+        # Batches captured in a CUDA graph are rewritten by every replay; hooks do not run.
+        pending = {id(b) for b in self._pending}
+        captured = [b for b in self._graph_batches if id(b) not in pending]
+        batches, self._pending = self._pending + captured, []
         self._step_grads = [b for b in batches if b.kind == "grad"]
 
         tensors: dict[str, torch.Tensor] = {}
@@ -665,6 +689,7 @@ class Monitor:
             handle.remove()
         self._handles.clear()
         self._pending.clear()
+        self._graph_batches.clear()
         if self._live is not None:
             self._guard(self._write_live)()
         if getattr(self.model, _ATTACHED, None) is self:

@@ -141,6 +141,7 @@ class _DeviceTables:
 
     def __init__(self, capacity: int = 64) -> None:
         self._tables: OrderedDict[tuple, tuple[torch.Tensor, ...]] = OrderedDict()
+        self._captured: list[tuple[torch.Tensor, ...]] = []
         self._capacity = capacity
 
     def get(self, rows: list[int], thresholds: list[float], device: torch.device):
@@ -155,6 +156,9 @@ class _DeviceTables:
                 desc,
                 sat,
             )
+            if torch.cuda.is_current_stream_capturing():
+                # A captured graph replays the copy from this pinned memory: keep it forever.
+                self._captured.append(tables)
             self._tables[key] = tables
             if len(self._tables) > self._capacity:
                 self._tables.popitem(last=False)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,11 +29,10 @@ import pyarrow.compute as pc
 
 from .merge import concat_ranks, merge_ranks
 from .schema import SCHEMA_VERSION, SCHEMAS, conform, empty_table
+from .writer import MANIFEST_RE, SEGMENT_RE
 
 __all__ = ["MergeFn", "Run", "SchemaVersionError", "SegmentRecovery", "concat_ranks", "load_run"]
 
-_MANIFEST_RE = re.compile(r"^manifest\.rank(?P<rank>\d+)\.json$")
-_SEG_RE = re.compile(r"^(?P<table>[A-Za-z0-9_]+)\.rank(?P<rank>\d+)\.(?P<seg>\d+)\.arrows$")
 
 #: ``merge(table_name, {rank: table}, {rank: manifest}) -> table``
 MergeFn = Callable[[str, Mapping[int, pa.Table], Mapping[int, dict]], pa.Table]
@@ -218,11 +216,11 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
     manifests: dict[int, dict] = {}
     segments: list[tuple[str, int, int, Path]] = []
     for entry in sorted(root.iterdir()):
-        m = _MANIFEST_RE.match(entry.name)
+        m = MANIFEST_RE.match(entry.name)
         if m:
             manifests[int(m["rank"])] = _read_manifest(entry)
             continue
-        m = _SEG_RE.match(entry.name)
+        m = SEGMENT_RE.match(entry.name)
         if m and m["table"] in SCHEMAS and entry.is_file():
             segments.append((m["table"], int(m["rank"]), int(m["seg"]), entry))
     if not manifests:

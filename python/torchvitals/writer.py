@@ -39,6 +39,11 @@ from .schema import DROPPED_SCALAR, SCHEMA_VERSION, SCHEMAS
 __all__ = ["RunWriter", "manifest_name", "segment_name", "write_json_atomic"]
 
 
+#: File names of segments and manifests, the inverse of segment_name and manifest_name.
+SEGMENT_RE = re.compile(r"^(?P<table>[A-Za-z0-9_]+)\.rank(?P<rank>\d+)\.(?P<seg>\d+)\.arrows$")
+MANIFEST_RE = re.compile(r"^manifest\.rank(?P<rank>\d+)\.json$")
+
+
 def segment_name(table: str, rank: int, seg: int) -> str:
     """File name of segment ``seg`` of ``table`` written by ``rank``."""
     return f"{table}.rank{rank}.{seg:06d}.arrows"
@@ -107,7 +112,6 @@ class _Segment:
 
 
 _LIVE: weakref.WeakSet[RunWriter] = weakref.WeakSet()
-_SEG_RE = re.compile(r"^(?P<table>[A-Za-z0-9_]+)\.rank(?P<rank>\d+)\.(?P<seg>\d+)\.arrows$")
 
 
 @atexit.register
@@ -456,7 +460,7 @@ class RunWriter:
     def _scan_existing_segments(self) -> None:
         """Number new segments after those a previous process left in ``path``: never overwrite."""
         for name in os.listdir(self.path):
-            m = _SEG_RE.match(name)
+            m = SEGMENT_RE.match(name)
             if m and int(m["rank"]) == self.rank and m["table"] in SCHEMAS:
                 t = m["table"]
                 self._next_seg[t] = max(self._next_seg.get(t, 0), int(m["seg"]) + 1)

@@ -108,7 +108,6 @@ def _nonfinite_event(step, loss, series, curve_events):
     ev = Event("nonfinite", at, at, "critical", f"first non-finite values: {what}", {})
     ev.evidence["first_step"] = float(at)
     if first_layer is not None:
-        ev.layers = [(first_layer[0], "nonfinite", 1.0, int(at - first_layer[1]))]
         ranked = []
         for key, v in series.items():
             metric, _, layer = key.partition("/")

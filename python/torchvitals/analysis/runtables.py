@@ -5,8 +5,9 @@ keys of :func:`torchvitals.analysis.detect_events`:
 
 * scalars: ``grad_norm``, ``loss_scale`` (by name from ``run.scalars``);
 * per layer, from ``run.layers``: ``grad_norm/<layer>`` = sqrt(sumsq) of kind ``grad``,
-  ``dead_frac/<layer>`` = dead_units/units of kind ``act``, ``sat_frac/<layer>`` =
-  saturated/numel of kind ``act``, ``weight_norm/<layer>`` = sqrt(sumsq) of kind ``weight``,
+  ``dead_frac/<layer>`` = dead_units/units of kind ``act`` (NaN where the row held NaN/Inf),
+  ``sat_frac/<layer>`` = saturated/numel of kind ``act``, ``weight_norm/<layer>`` and
+  ``act_grad_norm/<layer>`` = sqrt(sumsq) of kinds ``weight`` and ``act_grad``,
   ``nonfinite/<layer>`` = nan+inf summed over all kinds.
 
 Everything is aligned on the steps of the ``loss`` scalar (missing values are NaN). Only
@@ -152,11 +153,12 @@ def _layer_series(layers, steps_all):
                 out[f"dead_frac/{name}"] = gd[j]
             if np.isfinite(gs[j]).any():
                 out[f"sat_frac/{name}"] = gs[j]
-    if "weight" in kind_idx:
-        g = grid(kcodes == kind_idx["weight"], np.sqrt(cols["sumsq"]))
-        for j, name in enumerate(lnames):
-            if np.isfinite(g[j]).any():
-                out[f"weight_norm/{name}"] = g[j]
+    for kind, metric in (("weight", "weight_norm"), ("act_grad", "act_grad_norm")):
+        if kind in kind_idx:
+            g = grid(kcodes == kind_idx[kind], np.sqrt(cols["sumsq"]))
+            for j, name in enumerate(lnames):
+                if np.isfinite(g[j]).any():
+                    out[f"{metric}/{name}"] = g[j]
     nf = np.zeros((nl, n))
     m = ok
     np.add.at(nf, (lcodes[m], pos[m]), cols["nan"][m] + cols["inf"][m])

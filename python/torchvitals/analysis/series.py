@@ -9,7 +9,6 @@ windows are fractions of the run rather than fixed step counts.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,6 +217,3 @@ def window_fits(y: np.ndarray, w: int) -> tuple[np.ndarray, np.ndarray]:
     slope = (w * sky - sk * sy) / denom if denom > 0 else np.zeros_like(sy)
     icpt = (sy - slope * sk) / w
     return icpt + slope * (w - 1), slope
-
-
-Transform = Callable[[np.ndarray], np.ndarray]
