@@ -69,6 +69,19 @@ def test_non_contiguous_views(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_layouts_read_in_place(device, dtype):
+    """Channels-last and permuted tensors are read in memory order, without a copy; units
+    along any dim must still come out right."""
+    gen = fresh_generator()
+    conv = random_tensor(gen, (4, 6, 5, 3), dtype).to(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
+    permuted = random_tensor(gen, (3, 4, 5), dtype).permute(2, 0, 1)
+    tensors = [conv, conv, permuted, permuted, permuted]
+    assert_matches_reference(tensors, [1, 3, 0, 1, 2], 0.5, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_multi_chunk_tensors(device):
     """Tensors spanning several work chunks, with ragged tails and an odd offset."""
     gen = fresh_generator()

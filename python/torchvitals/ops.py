@@ -114,6 +114,19 @@ def tensor_stats(
 # --- the op ---------------------------------------------------------------------------
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether the elements fill ``numel`` consecutive slots in some order (no gaps, no
+    overlaps): then the kernels can read the memory as it is."""
+    expected = 1
+    for size, stride in sorted(
+        ((n, st) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1), key=lambda d: d[1]
+    ):
+        if stride != expected:
+            return size == 0
+        expected *= size
+    return True
+
+
 def _descriptors(tensors: list[torch.Tensor], dims: list[int]) -> tuple[list[int], int, int]:
     """Flattened descriptor rows (csrc/stats.h ``DescCol``), total chunks, total units."""
     rows: list[int] = []
@@ -123,7 +136,9 @@ def _descriptors(tensors: list[torch.Tensor], dims: list[int]) -> tuple[list[int
         if dim == _NO_FEATURE:
             units, inner = 0, 1
         else:
-            units, inner = t.shape[dim], max(math.prod(t.shape[dim + 1 :]), 1)
+            # Read in memory order, the element at offset i of a dense tensor belongs to
+            # unit (i // stride) % size along the feature dim, whatever the layout.
+            units, inner = t.shape[dim], max(t.stride(dim), 1)
         rows += (t.data_ptr(), numel, _DTYPE_CODES[t.dtype], inner, units, units_total, chunks)
         chunks += -(-numel // _C.CHUNK_ELEMS)
         units_total += units
@@ -174,7 +189,9 @@ _device_tables = _DeviceTables()
 def _tensor_stats_op(
     tensors: list[torch.Tensor], feature_dims: list[int], saturation: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    tensors = [t.contiguous() for t in tensors]  # non-contiguous inputs cost one copy
+    # Dense tensors in any layout (channels-last, transposed) are read in place, in memory
+    # order; only views with gaps or overlaps cost a copy.
+    tensors = [t if _dense(t) else t.contiguous() for t in tensors]
     device = tensors[0].device
     rows, num_chunks, num_units = _descriptors(tensors, feature_dims)
     count = len(tensors)
