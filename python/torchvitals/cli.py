@@ -18,10 +18,19 @@ def _load(path: str):
     return load_run(path)
 
 
-def _detect(run, args):
+def _detect(arrays, args):
+    """Events from ``series_from_run``'s arrays, which are read once and shared."""
     from torchvitals.analysis import detect_events
 
-    return detect_events(run, higher_is_better=args.higher_is_better, num_classes=args.num_classes)
+    step, loss, lr, series = arrays
+    return detect_events(
+        loss=loss,
+        step=step,
+        lr=lr,
+        higher_is_better=args.higher_is_better,
+        num_classes=args.num_classes,
+        **series,
+    )
 
 
 def _analyse_and_report(run, args, console: Console, out: Path) -> list:
@@ -31,8 +40,8 @@ def _analyse_and_report(run, args, console: Console, out: Path) -> list:
 
     with _progress(console) as bar:
         task = bar.add_task("detecting events", total=None)
-        events = _detect(run, args)
-        _, _, _, series = series_from_run(run)
+        arrays = series_from_run(run)
+        events = _detect(arrays, args)
         bar.update(task, description="writing report")
         write_report(
             run,
@@ -40,8 +49,9 @@ def _analyse_and_report(run, args, console: Console, out: Path) -> list:
             out,
             layers=args.layers,
             progress=lambda what: bar.update(task, description=what),
+            arrays=arrays,
         )
-    print_summary(events, series, console)
+    print_summary(events, arrays[3], console)
     console.print(f"report: [bold]{out}[/bold]")
     return events
 
@@ -65,8 +75,9 @@ def cmd_report(args) -> int:
 
 
 def cmd_events(args) -> int:
-    run = _load(args.run)
-    events = _detect(run, args)
+    from torchvitals.analysis.runtables import series_from_run
+
+    events = _detect(series_from_run(_load(args.run)), args)
     if args.json:
         json.dump([e.to_dict() for e in events], sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -245,13 +245,15 @@ def write_report(
     *,
     layers: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
+    arrays: tuple | None = None,
 ) -> Path:
-    """Writes the HTML report for ``run`` to ``out`` and returns its path."""
+    """Writes the HTML report for ``run`` to ``out`` and returns its path. ``arrays`` is
+    ``series_from_run(run)`` when the caller already has it."""
     import matplotlib
 
     matplotlib.use("Agg")
     say = progress or (lambda _: None)
-    step, loss, lr, series = series_from_run(run)
+    step, loss, lr, series = arrays if arrays is not None else series_from_run(run)
     sections = []
     say("loss curve")
     sections.append(("Loss and learning rate", _loss_plot(step, loss, lr, events, "loss")))
