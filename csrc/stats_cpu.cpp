@@ -1,9 +1,21 @@
-// CPU backend: one pass per element, chunks spread over threads, partial results
-// combined in chunk order so the float64 sums do not depend on the thread count.
+// CPU backend. A chunk (kChunkElems elements of one tensor) is read twice while it sits in
+// L2: a vector pass for the moments, counts and unit flags, then a vector histogram pass.
+// The histogram pass counts the chunk's top 16 octaves (below its largest finite |x|) in
+// byte counters, one per lane and octave, with no scatter; only the rare elements outside
+// that window (tiny, subnormal, non-finite) take a scalar path. Chunks are spread over a
+// persistent thread pool and combined in chunk order, so results do not depend on the
+// thread count.
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
 #include <limits>
+#include <mutex>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -14,199 +26,240 @@
 namespace torchvitals {
 namespace {
 
-struct ChunkResult {
-  double sum = 0.0;
-  double sumsq = 0.0;
-  double max_abs = 0.0;
-  int64_t nan = 0;
-  int64_t inf = 0;
-  int64_t saturated = 0;
-  int64_t hist[kHistBins] = {};
-};
-
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-// Histogram bin of every biased fp64 exponent; zero and subnormal share exponent 0
-// and are told apart by the mantissa. The table keeps the loop free of branches that
-// random data would mispredict.
-template <int kExpBits, int kBias>
-struct ExponentBins {
-  uint8_t bin[1 << kExpBits];
-  ExponentBins() {
-    bin[0] = kHistZero;
-    for (int e = 1; e < (1 << kExpBits) - 1; ++e) bin[e] = hist_bin_for_exponent(e - kBias);
-    bin[(1 << kExpBits) - 1] = kHistNonFinite;
-  }
-};
-const ExponentBins<11, 1023> kF64Bins;
-
-// The hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at
-// load time, so one wheel runs everywhere and uses the wide vectors where they exist.
+// The hot loops are compiled twice, for AVX2 and for baseline x86-64, and picked at load
+// time, so one wheel runs everywhere and uses the wide vectors where they exist.
 #if defined(__x86_64__)
-#define kVectorClones __attribute__((target_clones("avx2", "default")))
+#define TV_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
-#define kVectorClones
+#define TV_VECTOR_CLONES
 #endif
+// Vector helpers are inlined into the clones, so each is compiled for its caller's target
+// (and never passes a 32-byte vector across a call, which GCC warns about with -Wpsabi).
+#define TV_INLINE inline __attribute__((always_inline))
+#pragma GCC diagnostic ignored "-Wpsabi"
 
-// Element i widened to the accumulation type (fp16/bf16 widen to fp32 exactly).
+// One 32-byte vector of T, its bit patterns, and T's exponent field (the histogram key).
 template <typename T>
-struct Loader;
+struct Lanes;
 
 template <>
-struct Loader<float> {
-  using Acc = float;
-  static float load(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef uint32_t U __attribute__((vector_size(32)));
+  using Bits = uint32_t;
+  static constexpr int kWidth = 8;
+  static constexpr int kMantissaBits = 23;
+  static constexpr Bits kKeyMask = 0xff;  // exponent field; kKeyMask itself: Inf/NaN
+  static constexpr Bits kAbsMask = 0x7fffffffu;
+  static constexpr Bits kInfBits = 0x7f800000u;
 };
 
 template <>
-struct Loader<double> {
-  using Acc = double;
-  static double load(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef int64_t I __attribute__((vector_size(32)));
+  typedef uint64_t U __attribute__((vector_size(32)));
+  using Bits = uint64_t;
+  static constexpr int kWidth = 4;
+  static constexpr int kMantissaBits = 52;
+  static constexpr Bits kKeyMask = 0x7ff;
+  static constexpr Bits kAbsMask = 0x7fffffffffffffffull;
+  static constexpr Bits kInfBits = 0x7ff0000000000000ull;
 };
 
-struct Half {};
-struct BFloat16 {};
+typedef double F64x4 __attribute__((vector_size(32)));
 
-template <>
-struct Loader<Half> {
-  using Acc = float;
-  static float load(const void* p, int64_t i) {
-    return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+// Octaves counted by the vector histogram pass, below the chunk's top exponent.
+constexpr int kWindow = 16;
+
+// Float64 running sums of finite elements: fp32 lanes are widened, four at a time.
+struct Moments {
+  F64x4 sum[2] = {};
+  F64x4 sumsq[2] = {};
+  TV_INLINE void add(Lanes<float>::V x) {
+    const F64x4 lo = __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3), F64x4);
+    const F64x4 hi = __builtin_convertvector(__builtin_shufflevector(x, x, 4, 5, 6, 7), F64x4);
+    sum[0] += lo;
+    sum[1] += hi;
+    sumsq[0] += lo * lo;
+    sumsq[1] += hi * hi;
+  }
+  TV_INLINE void add(Lanes<double>::V x) {
+    sum[0] += x;
+    sumsq[0] += x * x;
   }
 };
 
-template <>
-struct Loader<BFloat16> {
-  using Acc = float;
-  static float load(const void* p, int64_t i) {
-    return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-  }
+// Running state of pass 1 over one chunk, in lanes combined once at the chunk's end.
+template <typename T>
+struct ChunkScan {
+  using V = typename Lanes<T>::V;
+  using I = typename Lanes<T>::I;
+  Moments moments;
+  V max_abs = {};
+  I zeros = {};
+  I saturated = {};
 };
 
-inline int bin_of(double v) {
-  const uint64_t bits = f64_bits(v);
-  const uint64_t e = (bits >> 52) & 0x7ffu;
-  return kF64Bins.bin[e] + ((e == 0) & ((bits & 0xfffffffffffffull) != 0));
+template <typename Vec>
+TV_INLINE auto horizontal_max(Vec v) {
+  auto m = v[0];
+  for (size_t i = 1; i < sizeof(Vec) / sizeof(m); ++i) m = v[i] > m ? v[i] : m;
+  return m;
 }
 
-// Histogram keys. The hot loop counts one byte-sized key per element and the keys are
-// folded into bins once per chunk: for fp32 the key is the biased exponent (one shift,
-// which vectorises), for fp64 the bin itself from the exponent table.
-struct F32Keys {
-  static uint8_t key(float v) { return static_cast<uint8_t>(f32_bits(v) >> 23); }
-  // Exponent 0 holds zeros and subnormals; `zeros` tells them apart.
-  static void fold(const uint32_t* counts, int64_t zeros, int64_t* hist) {
-    hist[kHistZero] += zeros;
-    hist[kHistBelow] += counts[0] - zeros;
-    for (int e = 1; e < 0xff; ++e) hist[hist_bin_for_exponent(e - 127)] += counts[e];
-    hist[kHistNonFinite] += counts[0xff];
+template <typename Vec>
+TV_INLINE int64_t horizontal_sum(Vec v) {
+  int64_t s = 0;
+  for (size_t i = 0; i < sizeof(Vec) / sizeof(v[0]); ++i) s += v[i];
+  return s;
+}
+
+TV_INLINE double horizontal_sum_f64(F64x4 v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+template <typename Vec>
+TV_INLINE Vec load(const void* p, int64_t available) {
+  Vec v = {};
+  const int64_t lanes = sizeof(Vec) / sizeof(v[0]);
+  if (__builtin_expect(available >= lanes, 1)) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {  // a short tail is zero-padded
+    std::memcpy(&v, p, sizeof(v[0]) * static_cast<size_t>(available));
   }
+  return v;
+}
+
+// Whether a run of elements holds one > 0, and whether one is not saturated.
+struct RunFlags {
+  bool positive;
+  bool unsaturated;
 };
 
-struct F64Keys {
-  static uint8_t key(double v) { return static_cast<uint8_t>(bin_of(v)); }
-  static void fold(const uint32_t* counts, int64_t /*zeros*/, int64_t* hist) {
-    for (int k = 0; k < kHistBins; ++k) hist[k] += counts[k];
-  }
-};
-
-// The moments run over independent lanes so the compiler can vectorise them without
-// reassociating float adds; histogram keys are counted in a separate scalar pass over
-// the same cache-hot block, spread over several tables to break repeated-key store chains.
+// Pass 1 over x[0, n): moments, zeros, saturated and the largest finite |x| into `s`.
 template <typename T>
-kVectorClones void reduce_chunk(const void* data, int64_t begin, int64_t end, double threshold,
-                                ChunkResult& r) {
-  using L = Loader<T>;
-  using Acc = typename L::Acc;
-  using Keys = std::conditional_t<std::is_same_v<Acc, float>, F32Keys, F64Keys>;
-  constexpr int kLanes = 8;
-  constexpr int kBlock = 512;
-  constexpr int kCopies = 4;
-  uint32_t counts[kCopies][256] = {};
-  // Every lane is double, counts included (exact below 2^53), so that the lanes have
-  // one width and vectorise as a whole.
-  double sum[kLanes] = {}, sumsq[kLanes] = {}, max_abs[kLanes] = {};
-  double saturated[kLanes] = {}, nan[kLanes] = {}, zeros[kLanes] = {};
-  Acc block[kBlock];
-  uint8_t keys[kBlock];
+TV_VECTOR_CLONES RunFlags scan_run(const T* x, int64_t n, T threshold, ChunkScan<T>& state) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  using I = typename L::I;
+  constexpr int64_t W = L::kWidth;
+  ChunkScan<T> s = state;  // in registers for the loop, not behind the reference
+  V positive_max = V{} - std::numeric_limits<T>::infinity();
+  I saturated = {};
+  for (int64_t i = 0; i < n; i += W) {
+    const V v = load<V>(x + i, n - i);
+    const I bits = (I)v;
+    const I abs_bits = bits & static_cast<typename L::Bits>(L::kAbsMask);
+    const I finite = abs_bits < static_cast<typename L::Bits>(L::kInfBits);
+    const V finite_x = (V)(bits & finite);
+    const V finite_abs = (V)(abs_bits & finite);
+    s.moments.add(finite_x);
+    s.max_abs = finite_abs > s.max_abs ? finite_abs : s.max_abs;
+    s.zeros -= abs_bits == 0;
+    saturated -= (V)abs_bits >= threshold;  // false for NaN elements and a NaN threshold
+    positive_max = v > positive_max ? v : positive_max;  // NaN never wins
+  }
+  const int64_t pad = (W - n % W) % W;  // padding lanes are zeros: take them back
+  s.zeros[0] -= pad;
+  if (T{0} >= threshold) saturated[0] -= pad;
+  s.saturated += saturated;
+  state = s;
+  return {horizontal_max(positive_max) > T{0}, horizontal_sum(saturated) < n};
+}
 
-  auto visit = [&](int j, Acc x) {
-    const double v = static_cast<double>(x);
-    const double a = std::fabs(v);
-    const bool finite = a <= std::numeric_limits<double>::max();
-    const double f = finite ? v : 0.0;
-    sum[j] += f;
-    sumsq[j] += f * f;
-    max_abs[j] = std::max(max_abs[j], finite ? a : 0.0);
-    nan[j] += v != v ? 1.0 : 0.0;
-    zeros[j] += a == 0 ? 1.0 : 0.0;
-    saturated[j] += a >= threshold ? 1.0 : 0.0;  // false for NaN values and a NaN threshold
+// Pass 2 over x[0, n): counts elements by key (exponent field) into key_counts. Keys in
+// the kWindow octaves at and below `top` are counted in byte lanes, the only scatter-free
+// way to histogram with vectors; zeros are skipped (pass 1 counts them) and the rare
+// others (tiny, subnormal, non-finite) are counted one by one, NaNs also into `nan`.
+template <typename T>
+TV_VECTOR_CLONES void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits top,
+                                 uint32_t* key_counts, int64_t& nan) {
+  using L = Lanes<T>;
+  using U = typename L::U;
+  using Bits = typename L::Bits;
+  constexpr int64_t W = L::kWidth;
+  constexpr int kSlots = sizeof(Bits);     // byte counters per lane
+  constexpr int kAccs = kWindow / kSlots;  // lanes of byte counters covering the window
+  constexpr int kSlotBits = kSlots == 4 ? 2 : 3;
+  constexpr int kFlushEvery = 255;   // vectors before a byte counter can overflow
+  constexpr int64_t kGroup = 8 * W;  // elements per check for keys outside the window
+  // Flushed bytes go to 16-bit fields (even and odd bytes apart): one count per vector.
+  static_assert(kChunkElems / W < (1 << 16), "16-bit fields would overflow");
+  const Bits low_bytes = static_cast<Bits>(0x00ff00ff00ff00ffull);
+  U acc[kAccs] = {}, even[kAccs] = {}, odd[kAccs] = {};
+  auto flush = [&] {
+    for (int j = 0; j < kAccs; ++j) {
+      even[j] += acc[j] & low_bytes;
+      odd[j] += (acc[j] >> 8) & low_bytes;
+      acc[j] = U{};
+    }
   };
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
-    for (int i = 0; i < n; ++i) block[i] = L::load(data, b + i);
-    const int whole = n - n % kLanes;
-    for (int i = 0; i < whole; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) visit(j, block[i + j]);
-    for (int i = whole; i < n; ++i) visit(i - whole, block[i]);
-    for (int i = 0; i < n; ++i) keys[i] = Keys::key(block[i]);
-    int i = 0;
-    for (; i + kCopies <= n; i += kCopies)
-      for (int c = 0; c < kCopies; ++c) ++counts[c][keys[i + c]];
-    for (; i < n; ++i) ++counts[0][keys[i]];
+  auto count_outside = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      Bits bits;
+      std::memcpy(&bits, x + i, sizeof(bits));
+      const Bits key = (bits >> L::kMantissaBits) & L::kKeyMask;
+      if (static_cast<Bits>(top - key) < kWindow || (bits & L::kAbsMask) == 0) continue;
+      ++key_counts[key];
+      nan += x[i] != x[i];
+    }
+  };
+  int vectors = 0;
+  for (int64_t group = 0; group < n; group += kGroup) {
+    const int64_t group_end = std::min(n, group + kGroup);
+    U outside = {};
+    for (int64_t i = group; i < group_end; i += W) {
+      const U bits = load<U>(x + i, group_end - i);
+      const U key = (bits >> L::kMantissaBits) & L::kKeyMask;
+      const U below = top - key;  // octaves below the top; wraps around above it
+      outside |= (U)(below >= kWindow) & (U)((bits & L::kAbsMask) != 0);
+      const U one = (U{} + 1) << ((below & (kSlots - 1)) * 8);
+      const U acc_index = below >> kSlotBits;
+      for (int j = 0; j < kAccs; ++j) acc[j] += one & (U)(acc_index == static_cast<Bits>(j));
+      if (++vectors == kFlushEvery) {
+        flush();
+        vectors = 0;
+      }
+    }
+    if (horizontal_max(outside) != 0) count_outside(group, group_end);
   }
-
-  int64_t total_zeros = 0;
-  for (int j = 0; j < kLanes; ++j) {
-    r.sum += sum[j];
-    r.sumsq += sumsq[j];
-    r.max_abs = std::max(r.max_abs, max_abs[j]);
-    r.saturated += static_cast<int64_t>(saturated[j]);
-    r.nan += static_cast<int64_t>(nan[j]);
-    total_zeros += static_cast<int64_t>(zeros[j]);
+  flush();
+  for (int slot = 0; slot < kWindow; ++slot) {  // slot j * kSlots + b: byte b of acc[j]
+    const int j = slot / kSlots, b = slot % kSlots;
+    const U& fields = b % 2 == 0 ? even[j] : odd[j];
+    int64_t count = 0;
+    for (int64_t lane = 0; lane < W; ++lane) count += (fields[lane] >> (b / 2 * 16)) & 0xffff;
+    key_counts[top - slot] += static_cast<uint32_t>(count);
   }
-  for (int c = 1; c < kCopies; ++c)
-    for (int k = 0; k < 256; ++k) counts[0][k] += counts[c][k];
-  Keys::fold(counts[0], total_zeros, r.hist);
-  r.inf = r.hist[kHistNonFinite] - r.nan;
 }
 
-// Marks which units saw a positive element and which saw an unsaturated one. Shared flags
-// are only ever set to 1, with relaxed atomic stores, so concurrent chunks cannot undo each
-// other; the hot loops OR into thread-local flags or scalars, which vectorises.
+// Marks which units saw an element > 0 and which an unsaturated one, for layouts whose
+// unit runs are too short for scan_run (the last dim, or a small spatial extent). Shared
+// flags are only ever set to 1, with relaxed atomic stores, so chunks cannot undo each other.
 inline void set_flag(uint8_t* flag) {
   if (!__atomic_load_n(flag, __ATOMIC_RELAXED))
     __atomic_store_n(flag, uint8_t{1}, __ATOMIC_RELAXED);
 }
 
 template <typename T>
-kVectorClones void mark_units(const void* data, int64_t begin, int64_t end, int64_t inner,
-                              int64_t units, double threshold, uint8_t* positive,
-                              uint8_t* unsaturated) {
-  using L = Loader<T>;
-  auto is_positive = [](double v) -> uint8_t { return v > 0; };
-  auto is_unsaturated = [threshold](double v) -> uint8_t { return !(std::fabs(v) >= threshold); };
-  const int64_t first_unit = (begin / inner) % units;
+TV_VECTOR_CLONES void mark_short_runs(const T* x, int64_t n, int64_t first_unit, int64_t inner,
+                                      int64_t units, T threshold, uint8_t* positive,
+                                      uint8_t* unsaturated, int64_t offset) {
+  auto is_positive = [](T v) -> uint8_t { return v > 0; };
+  auto is_unsaturated = [threshold](T v) -> uint8_t { return !(std::fabs(v) >= threshold); };
   if (inner == 1) {  // [..., F]: consecutive elements are consecutive units
     thread_local std::vector<uint8_t> pos_slots, unsat_slots;
-    const int64_t n = end - begin;
     const int64_t slots = std::min(n, units);  // slot k is unit first_unit + k (mod units)
     pos_slots.assign(static_cast<size_t>(slots), 0);
     unsat_slots.assign(static_cast<size_t>(slots), 0);
-    // Raw restrict pointers: byte stores through the vectors could alias anything,
-    // which would reload their data pointers on every element.
+    // Raw restrict pointers: byte stores through the vectors could alias anything.
     uint8_t* __restrict pos = pos_slots.data();
     uint8_t* __restrict unsat = unsat_slots.data();
-    for (int64_t i = begin; i < end; i += slots) {
-      const int64_t m = std::min(slots, end - i);
+    for (int64_t i = 0; i < n; i += slots) {
+      const int64_t m = std::min(slots, n - i);
       for (int64_t k = 0; k < m; ++k) {
-        const double v = static_cast<double>(L::load(data, i + k));
-        pos[k] |= is_positive(v);
-        unsat[k] |= is_unsaturated(v);
+        pos[k] |= is_positive(x[i + k]);
+        unsat[k] |= is_unsaturated(x[i + k]);
       }
     }
     for (int64_t k = 0; k < slots; ++k) {
@@ -217,15 +270,13 @@ kVectorClones void mark_units(const void* data, int64_t begin, int64_t end, int6
     }
     return;
   }
-  // Channel-first: runs of `inner` elements share a unit; reduce each run, then set once.
-  int64_t unit = first_unit;
-  for (int64_t i = begin, run = inner - begin % inner; i < end; run = inner) {
-    const int64_t m = std::min(run, end - i);
+  int64_t unit = first_unit;  // runs of `inner` elements share a unit
+  for (int64_t i = 0, run = inner - offset % inner; i < n; run = inner) {
+    const int64_t m = std::min(run, n - i);
     uint8_t pos = 0, unsat = 0;
     for (int64_t k = 0; k < m; ++k) {
-      const double v = static_cast<double>(L::load(data, i + k));
-      pos |= is_positive(v);
-      unsat |= is_unsaturated(v);
+      pos |= is_positive(x[i + k]);
+      unsat |= is_unsaturated(x[i + k]);
     }
     if (pos) set_flag(positive + unit);
     if (unsat) set_flag(unsaturated + unit);
@@ -234,31 +285,112 @@ kVectorClones void mark_units(const void* data, int64_t begin, int64_t end, int6
   }
 }
 
+// Unit runs at least this long are flagged inside pass 1, shorter ones by mark_short_runs.
+constexpr int64_t kMinFusedRun = 32;
+
+// Result of one chunk, combined with the others in chunk order.
+struct ChunkResult {
+  double sum = 0.0;
+  double sumsq = 0.0;
+  double max_abs = 0.0;
+  int64_t nan = 0;
+  int64_t inf = 0;
+  int64_t saturated = 0;
+  int64_t hist[kHistBins] = {};
+};
+
+// Smallest T >= threshold, so that comparing in T decides exactly as in float64.
 template <typename T>
-void process_chunk(const int64_t* d, double threshold, const Chunk& c, uint8_t* positive,
-                   uint8_t* unsaturated, ChunkResult& r) {
-  const void* data = reinterpret_cast<const void*>(d[kDescData]);
-  reduce_chunk<T>(data, c.begin, c.end, threshold, r);
-  const int64_t units = d[kDescUnits];
-  if (units > 0) {
-    const int64_t off = d[kDescFlagOffset];
-    mark_units<T>(data, c.begin, c.end, d[kDescInner], units, threshold, positive + off,
-                  unsaturated + off);
+T threshold_as(double threshold) {
+  T t = static_cast<T>(threshold);
+  if (static_cast<double>(t) < threshold) t = std::nextafter(t, std::numeric_limits<T>::infinity());
+  return t;
+}
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// One chunk of a float or double tensor whose elements are x[begin, end).
+template <typename T>
+void reduce_chunk(const T* x, const int64_t* d, double saturation, const Chunk& c,
+                  uint8_t* positive, uint8_t* unsaturated, ChunkResult& r) {
+  using L = Lanes<T>;
+  using Bits = typename L::Bits;
+  const T threshold = threshold_as<T>(saturation);
+  const int64_t n = c.end - c.begin;
+  const int64_t units = d[kDescUnits], inner = d[kDescInner];
+  const int64_t first_unit = units > 0 ? (c.begin / inner) % units : 0;
+  ChunkScan<T> s;
+  if (units > 0 && inner >= kMinFusedRun) {
+    int64_t unit = first_unit;
+    for (int64_t i = 0, run = inner - c.begin % inner; i < n; run = inner) {
+      const int64_t m = std::min(run, n - i);
+      const RunFlags f = scan_run<T>(x + i, m, threshold, s);
+      if (f.positive) set_flag(positive + d[kDescFlagOffset] + unit);
+      if (f.unsaturated) set_flag(unsaturated + d[kDescFlagOffset] + unit);
+      i += m;
+      unit = unit + 1 == units ? 0 : unit + 1;
+    }
+  } else {
+    scan_run<T>(x, n, threshold, s);
+    if (units > 0)
+      mark_short_runs<T>(x, n, first_unit, inner, units, threshold, positive + d[kDescFlagOffset],
+                         unsaturated + d[kDescFlagOffset], c.begin);
   }
+
+  Bits top_bits;
+  const T max_abs = horizontal_max(s.max_abs);
+  std::memcpy(&top_bits, &max_abs, sizeof(top_bits));
+  // At least kWindow, so that the window never reaches key 0 (zeros and subnormals).
+  const Bits top = std::max<Bits>((top_bits >> L::kMantissaBits) & L::kKeyMask, kWindow);
+  uint32_t keys[L::kKeyMask + 1] = {};
+  count_keys<T>(x, n, top, keys, r.nan);
+
+  for (int k = 0; k < 2; ++k) {
+    r.sum += horizontal_sum_f64(s.moments.sum[k]);
+    r.sumsq += horizontal_sum_f64(s.moments.sumsq[k]);
+  }
+  r.max_abs = static_cast<double>(max_abs);
+  r.saturated = horizontal_sum(s.saturated);
+  constexpr int kBias = L::kKeyMask / 2;
+  r.hist[kHistZero] = horizontal_sum(s.zeros);
+  r.hist[kHistBelow] = keys[0];  // subnormals
+  for (Bits e = 1; e < L::kKeyMask; ++e)
+    r.hist[hist_bin_for_exponent(static_cast<int>(e) - kBias)] += keys[e];
+  r.hist[kHistNonFinite] = keys[L::kKeyMask];
+  r.inf = keys[L::kKeyMask] - r.nan;
+}
+
+// fp16 and bf16 chunks are widened (exactly) into a float buffer first.
+template <typename Loader>
+const float* widen(const uint16_t* x, int64_t n, Loader to_f32) {
+  thread_local std::vector<float> buffer(kChunkElems);
+  float* out = buffer.data();
+  for (int64_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
+  return out;
 }
 
 void dispatch_chunk(const StatsBuffers& buf, const Chunk& c, ChunkResult& r) {
   const int64_t* d = buf.desc + c.tensor * kDescCols;
-  const double threshold = buf.saturation[c.tensor];
+  const double saturation = buf.saturation[c.tensor];
+  const auto* data = reinterpret_cast<const char*>(d[kDescData]);
+  const int64_t n = c.end - c.begin;
   switch (d[kDescDType]) {
     case kFloat32:
-      return process_chunk<float>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
-    case kFloat16:
-      return process_chunk<Half>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
-    case kBFloat16:
-      return process_chunk<BFloat16>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
+      return reduce_chunk(reinterpret_cast<const float*>(data) + c.begin, d, saturation, c,
+                          buf.unit_positive, buf.unit_unsaturated, r);
     case kFloat64:
-      return process_chunk<double>(d, threshold, c, buf.unit_positive, buf.unit_unsaturated, r);
+      return reduce_chunk(reinterpret_cast<const double*>(data) + c.begin, d, saturation, c,
+                          buf.unit_positive, buf.unit_unsaturated, r);
+    case kFloat16:
+      return reduce_chunk(widen(reinterpret_cast<const uint16_t*>(data) + c.begin, n, f16_to_f32),
+                          d, saturation, c, buf.unit_positive, buf.unit_unsaturated, r);
+    case kBFloat16:
+      return reduce_chunk(widen(reinterpret_cast<const uint16_t*>(data) + c.begin, n, bf16_to_f32),
+                          d, saturation, c, buf.unit_positive, buf.unit_unsaturated, r);
   }
 }
 
@@ -267,6 +399,72 @@ int64_t count_zero_flags(const uint8_t* flags, int64_t n) {
   for (int64_t i = 0; i < n; ++i) zeros += flags[i] == 0;
   return zeros;
 }
+
+// Worker threads that live as long as the process: a call costs a wake-up, not a thread
+// start, and a thread that cannot be created only means less parallelism.
+class WorkerPool {
+ public:
+  // Runs `work` on the calling thread and on up to `helpers` pool threads; returns when
+  // every one of them has returned. A second caller while the pool is busy runs alone.
+  void run(int helpers, const std::function<void()>& work) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || helpers <= 0) return work();
+    helpers = grow(helpers);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      work_ = &work;
+      wanted_ = helpers;
+      running_ = helpers;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return running_ == 0; });
+    work_ = nullptr;
+  }
+
+ private:
+  int grow(int wanted) {
+    while (static_cast<int>(threads_.size()) < wanted) {
+      try {
+        threads_.emplace_back([this, index = static_cast<int>(threads_.size())] { loop(index); });
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
+    return std::min(wanted, static_cast<int>(threads_.size()));
+  }
+
+  void loop(int index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= wanted_) continue;
+      const std::function<void()>* work = work_;
+      lock.unlock();
+      (*work)();
+      lock.lock();
+      if (--running_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex busy_;  // one job at a time
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> threads_;  // detached at exit: see pool()
+  const std::function<void()>* work_ = nullptr;
+  int wanted_ = 0;
+  int running_ = 0;
+  uint64_t generation_ = 0;
+};
+
+// One pool per process: a fork()ed child inherits the pool's memory but not its threads,
+// so it gets a new one. Pools are never destroyed: their threads sleep until the process ends.
+WorkerPool* g_pool = new WorkerPool();
+const int g_pool_atfork = pthread_atfork(nullptr, nullptr, [] { g_pool = new WorkerPool(); });
 
 }  // namespace
 
@@ -282,16 +480,13 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
   std::vector<ChunkResult> results(chunks.size());
 
   std::atomic<size_t> next{0};
-  auto worker = [&] {
+  const std::function<void()> work = [&] {
     for (size_t i = next.fetch_add(1); i < chunks.size(); i = next.fetch_add(1))
       dispatch_chunk(buf, chunks[i], results[i]);
   };
-  // A thread costs tens of microseconds to start: only spread work worth that.
-  const size_t threads = std::clamp<size_t>(chunks.size() / 4, 1, std::max(num_threads, 1));
-  std::vector<std::thread> pool;
-  for (size_t i = 1; i < threads; ++i) pool.emplace_back(worker);
-  worker();
-  for (auto& th : pool) th.join();
+  // Waking a thread costs microseconds: only spread work worth that.
+  const size_t threads = std::clamp<size_t>(chunks.size() / 2, 1, std::max(num_threads, 1));
+  g_pool->run(static_cast<int>(threads) - 1, work);
 
   size_t ci = 0;
   for (int64_t t = 0; t < T; ++t) {

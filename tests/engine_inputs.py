@@ -9,7 +9,7 @@ import torch
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _specials(dtype: torch.dtype) -> list[float]:
+def special_values(dtype: torch.dtype) -> list[float]:
     info = torch.finfo(dtype)
     # fp64 sums of values near its max overflow in any order; keep float64 sums finite.
     huge = min(info.max / 2, 2.0**500)
@@ -37,7 +37,7 @@ def random_tensor(
     signs = torch.randint(0, 2, (numel,), generator=gen, dtype=torch.float64) * 2 - 1
     values = signs * torch.pow(2.0, exponents)
     mask = torch.rand(numel, generator=gen) < specials
-    choices = torch.tensor(_specials(dtype), dtype=torch.float64)
+    choices = torch.tensor(special_values(dtype), dtype=torch.float64)
     picks = torch.randint(0, len(choices), (int(mask.sum()),), generator=gen)
     values[mask] = choices[picks]
     return values.to(dtype).reshape(shape)

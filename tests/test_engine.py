@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from engine_inputs import DTYPES, non_contiguous, random_shape, random_tensor
+from engine_inputs import DTYPES, special_values, non_contiguous, random_shape, random_tensor
 
 import torchvitals
 from torchvitals import histogram
@@ -130,6 +130,30 @@ def test_dead_and_saturated_units(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_unit_runs_and_concentrated_values(device, dtype):
+    """Activation-like tensors: Gaussian values (most within a few octaves, which the CPU
+    histogram counts with vectors) with planted outliers, tiny values and specials, and
+    units whose runs are long (flagged inside the first pass), cross chunk boundaries and
+    end in ragged vectors; a zero threshold counts the zero padding of short vectors too."""
+    gen = fresh_generator()
+    conv = torch.randn(8, 40, 6, 7, generator=gen, dtype=torch.float64)  # runs of 42
+    big = torch.randn(3, 9, 100, 97, generator=gen, dtype=torch.float64)  # runs cross chunks
+    conv[:, :6] = -conv[:, :6].abs()  # dead units
+    conv[:, 6:9] = 3.0 * conv[:, 6:9].sign()  # saturated units at 1.5
+    conv[2, 7, 1, 1] = math.nan
+    big[1, 4] = 0.0
+    flat = big.flatten()
+    picks = torch.randint(0, flat.numel(), (200,), generator=gen)
+    specials = torch.tensor(special_values(dtype), dtype=torch.float64)
+    flat[picks] = specials[torch.arange(200) % len(specials)]
+    flat[picks[:50]] *= 2.0 ** -40  # far below the chunk's top octave
+    tensors = [t.to(dtype) for t in (conv, big, conv.abs())]
+    for thresholds in ([1.5, 1.5, 0.0], [None, 0.25, 1.5]):
+        assert_matches_reference(tensors, [1, 1, 1], thresholds, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_histogram_bins_are_powers_of_two(device):
     values = torch.tensor(
         [
@@ -211,3 +235,46 @@ def test_tensor_over_2_pow_31_elements(device):
     assert got["max_abs"].tolist() == [4.0] and got["sum"].tolist() == [4.0]
     assert got["dead_units"].tolist() == [1] and got["saturated_units"].tolist() == [0]
     assert got["hist"][0, histogram.ZERO_BIN].tolist() == 2**31 + 4
+
+
+def _stats_in_child(x: torch.Tensor, queue) -> None:
+    # Only the engine runs here: torch's own OpenMP pool is not usable after a fork.
+    queue.put(torchvitals.tensor_stats(x)["sum"].tolist())
+
+
+def test_worker_pool_after_fork_and_from_several_threads():
+    """The CPU engine's persistent threads: a fork()ed child (a DataLoader worker) gets its
+    own, and calls from several Python threads at once neither deadlock nor mix results."""
+    import multiprocessing
+    import threading
+
+    chunk = torchvitals._C.CHUNK_ELEMS
+    x = torch.arange(8 * chunk, dtype=torch.float32)
+    expected = [float(x.double().sum())]
+    torch.set_num_threads(2)
+    assert torchvitals.tensor_stats(x)["sum"].tolist() == expected  # starts the pool
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_stats_in_child, args=(x, queue))
+    child.start()
+    assert queue.get(timeout=60) == expected
+    child.join(timeout=60)
+    assert child.exitcode == 0
+
+    gen = fresh_generator()
+    inputs = [random_tensor(gen, (3 * chunk + 5,), torch.float32) for _ in range(4)]
+    want = [torchvitals.tensor_stats(t) for t in inputs]
+    got: dict[int, dict] = {}
+
+    def worker(i: int) -> None:
+        for _ in range(5):
+            got[i] = torchvitals.tensor_stats(inputs[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for i, w in enumerate(want):
+        for key in STAT_KEYS:
+            assert torch.equal(got[i][key], w[key]), (i, key)
