@@ -67,6 +67,12 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
+def median_ratio(samples: list[float], baseline: list[float]) -> float:
+    """Median of the per-round ratios ``samples[i] / baseline[i]``: each ratio compares runs
+    taken back to back, so a slow patch of the machine cancels out of it."""
+    return statistics.median(s / b for s, b in zip(samples, baseline, strict=True))
+
+
 def environment(device: str) -> dict[str, object]:
     """What a result must carry to be comparable: device, driver, versions, commit."""
     try:

@@ -2,21 +2,16 @@
 // L2: a vector pass for the moments, counts and unit flags, then a vector histogram pass.
 // The histogram pass counts the chunk's top 16 octaves (below its largest finite |x|) in
 // byte counters, one per lane and octave, with no scatter; only the rare elements outside
-// that window (tiny, subnormal, non-finite) take a scalar path. Chunks are spread over a
-// persistent thread pool and combined in chunk order, so results do not depend on the
+// that window (tiny, subnormal, non-finite) take a scalar path. Chunks are spread over
+// torch's OpenMP threads and combined in chunk order, so results do not depend on the
 // thread count.
-#include <pthread.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <functional>
 #include <limits>
-#include <mutex>
-#include <system_error>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -138,12 +133,11 @@ struct RunFlags {
 
 // Pass 1 over x[0, n): moments, zeros, saturated and the largest finite |x| into `s`.
 template <typename T>
-TV_VECTOR_CLONES RunFlags scan_run(const T* x, int64_t n, T threshold, ChunkScan<T>& state) {
+TV_INLINE RunFlags scan_run(const T* x, int64_t n, T threshold, ChunkScan<T>& s) {
   using L = Lanes<T>;
   using V = typename L::V;
   using I = typename L::I;
   constexpr int64_t W = L::kWidth;
-  ChunkScan<T> s = state;  // in registers for the loop, not behind the reference
   V positive_max = V{} - std::numeric_limits<T>::infinity();
   I saturated = {};
   for (int64_t i = 0; i < n; i += W) {
@@ -163,8 +157,42 @@ TV_VECTOR_CLONES RunFlags scan_run(const T* x, int64_t n, T threshold, ChunkScan
   s.zeros[0] -= pad;
   if (T{0} >= threshold) saturated[0] -= pad;
   s.saturated += saturated;
-  state = s;
   return {horizontal_max(positive_max) > T{0}, horizontal_sum(saturated) < n};
+}
+
+// Shared unit flags are only ever set to 1, with relaxed atomic stores, so chunks of one
+// tensor on different threads cannot undo each other.
+inline void set_flag(uint8_t* flag) {
+  if (!__atomic_load_n(flag, __ATOMIC_RELAXED))
+    __atomic_store_n(flag, uint8_t{1}, __ATOMIC_RELAXED);
+}
+
+// How a chunk's elements fall into units: consecutive runs of `length` elements (the
+// first one possibly cut by the chunk's start) belong to consecutive units.
+struct UnitRuns {
+  int64_t first_length;
+  int64_t length;
+  int64_t first_unit;
+  int64_t units;  // 0: no units, one run over the whole chunk
+  uint8_t* positive;
+  uint8_t* unsaturated;
+};
+
+// Pass 1 over a chunk, run by run, flagging each run's unit.
+template <typename T>
+TV_VECTOR_CLONES void scan_chunk(const T* x, int64_t n, T threshold, const UnitRuns& runs,
+                                 ChunkScan<T>& state) {
+  ChunkScan<T> s = state;  // in registers for the loop, not behind the reference
+  int64_t unit = runs.first_unit;
+  for (int64_t i = 0, m = runs.first_length; i < n; i += m, m = runs.length) {
+    m = std::min(m, n - i);
+    const RunFlags f = scan_run(x + i, m, threshold, s);
+    if (runs.units == 0) continue;
+    if (f.positive) set_flag(runs.positive + unit);
+    if (f.unsaturated) set_flag(runs.unsaturated + unit);
+    unit = unit + 1 == runs.units ? 0 : unit + 1;
+  }
+  state = s;
 }
 
 // Pass 2 over x[0, n): counts elements by key (exponent field) into key_counts. Keys in
@@ -233,14 +261,8 @@ TV_VECTOR_CLONES void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits 
   }
 }
 
-// Marks which units saw an element > 0 and which an unsaturated one, for layouts whose
-// unit runs are too short for scan_run (the last dim, or a small spatial extent). Shared
-// flags are only ever set to 1, with relaxed atomic stores, so chunks cannot undo each other.
-inline void set_flag(uint8_t* flag) {
-  if (!__atomic_load_n(flag, __ATOMIC_RELAXED))
-    __atomic_store_n(flag, uint8_t{1}, __ATOMIC_RELAXED);
-}
-
+// Marks which units saw an element > 0 and which an unsaturated one, for unit runs too
+// short for scan_chunk's vectors (the last dim, or a small spatial extent).
 template <typename T>
 TV_VECTOR_CLONES void mark_short_runs(const T* x, int64_t n, int64_t first_unit, int64_t inner,
                                       int64_t units, T threshold, uint8_t* positive,
@@ -285,7 +307,7 @@ TV_VECTOR_CLONES void mark_short_runs(const T* x, int64_t n, int64_t first_unit,
   }
 }
 
-// Unit runs at least this long are flagged inside pass 1, shorter ones by mark_short_runs.
+// Unit runs at least this long are flagged by scan_chunk, shorter ones by mark_short_runs.
 constexpr int64_t kMinFusedRun = 32;
 
 // Result of one chunk, combined with the others in chunk order.
@@ -323,23 +345,18 @@ void reduce_chunk(const T* x, const int64_t* d, double saturation, const Chunk& 
   const int64_t n = c.end - c.begin;
   const int64_t units = d[kDescUnits], inner = d[kDescInner];
   const int64_t first_unit = units > 0 ? (c.begin / inner) % units : 0;
+  const bool fused = units > 0 && inner >= kMinFusedRun;
+  uint8_t* positive_flags = positive + d[kDescFlagOffset];
+  uint8_t* unsaturated_flags = unsaturated + d[kDescFlagOffset];
+  const UnitRuns runs =
+      fused ? UnitRuns{inner - c.begin % inner, inner, first_unit, units, positive_flags,
+                       unsaturated_flags}
+            : UnitRuns{n, n, 0, 0, nullptr, nullptr};
   ChunkScan<T> s;
-  if (units > 0 && inner >= kMinFusedRun) {
-    int64_t unit = first_unit;
-    for (int64_t i = 0, run = inner - c.begin % inner; i < n; run = inner) {
-      const int64_t m = std::min(run, n - i);
-      const RunFlags f = scan_run<T>(x + i, m, threshold, s);
-      if (f.positive) set_flag(positive + d[kDescFlagOffset] + unit);
-      if (f.unsaturated) set_flag(unsaturated + d[kDescFlagOffset] + unit);
-      i += m;
-      unit = unit + 1 == units ? 0 : unit + 1;
-    }
-  } else {
-    scan_run<T>(x, n, threshold, s);
-    if (units > 0)
-      mark_short_runs<T>(x, n, first_unit, inner, units, threshold, positive + d[kDescFlagOffset],
-                         unsaturated + d[kDescFlagOffset], c.begin);
-  }
+  scan_chunk<T>(x, n, threshold, runs, s);
+  if (units > 0 && !fused)
+    mark_short_runs<T>(x, n, first_unit, inner, units, threshold, positive_flags, unsaturated_flags,
+                       c.begin);
 
   Bits top_bits;
   const T max_abs = horizontal_max(s.max_abs);
@@ -400,71 +417,9 @@ int64_t count_zero_flags(const uint8_t* flags, int64_t n) {
   return zeros;
 }
 
-// Worker threads that live as long as the process: a call costs a wake-up, not a thread
-// start, and a thread that cannot be created only means less parallelism.
-class WorkerPool {
- public:
-  // Runs `work` on the calling thread and on up to `helpers` pool threads; returns when
-  // every one of them has returned. A second caller while the pool is busy runs alone.
-  void run(int helpers, const std::function<void()>& work) {
-    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
-    if (!busy.owns_lock() || helpers <= 0) return work();
-    helpers = grow(helpers);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      work_ = &work;
-      wanted_ = helpers;
-      running_ = helpers;
-      ++generation_;
-    }
-    wake_.notify_all();
-    work();
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [&] { return running_ == 0; });
-    work_ = nullptr;
-  }
-
- private:
-  int grow(int wanted) {
-    while (static_cast<int>(threads_.size()) < wanted) {
-      try {
-        threads_.emplace_back([this, index = static_cast<int>(threads_.size())] { loop(index); });
-      } catch (const std::system_error&) {
-        break;
-      }
-    }
-    return std::min(wanted, static_cast<int>(threads_.size()));
-  }
-
-  void loop(int index) {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      if (index >= wanted_) continue;
-      const std::function<void()>* work = work_;
-      lock.unlock();
-      (*work)();
-      lock.lock();
-      if (--running_ == 0) done_.notify_one();
-    }
-  }
-
-  std::mutex busy_;  // one job at a time
-  std::mutex mutex_;
-  std::condition_variable wake_, done_;
-  std::vector<std::thread> threads_;  // detached at exit: see pool()
-  const std::function<void()>* work_ = nullptr;
-  int wanted_ = 0;
-  int running_ = 0;
-  uint64_t generation_ = 0;
-};
-
-// One pool per process: a fork()ed child inherits the pool's memory but not its threads,
-// so it gets a new one. Pools are never destroyed: their threads sleep until the process ends.
-WorkerPool* g_pool = new WorkerPool();
-const int g_pool_atfork = pthread_atfork(nullptr, nullptr, [] { g_pool = new WorkerPool(); });
+// The process that loaded the engine. A fork()ed child inherits OpenMP's state but not
+// its threads, and a parallel region there would wait forever: children run serially.
+const pid_t g_loaded_by = getpid();
 
 }  // namespace
 
@@ -480,13 +435,22 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
   std::vector<ChunkResult> results(chunks.size());
 
   std::atomic<size_t> next{0};
-  const std::function<void()> work = [&] {
+  auto work = [&] {
     for (size_t i = next.fetch_add(1); i < chunks.size(); i = next.fetch_add(1))
       dispatch_chunk(buf, chunks[i], results[i]);
   };
-  // Waking a thread costs microseconds: only spread work worth that.
-  const size_t threads = std::clamp<size_t>(chunks.size() / 2, 1, std::max(num_threads, 1));
-  g_pool->run(static_cast<int>(threads) - 1, work);
+  // OpenMP is torch's own CPU thread pool (one libgomp per process): its threads, already
+  // awake after the training step's last op, take the chunks with no start-up and without
+  // competing for the cores. Chunks are few per thread only when that is worth a region.
+  int threads =
+      static_cast<int>(std::clamp<size_t>(chunks.size() / 2, 1, std::max(num_threads, 1)));
+  if (getpid() != g_loaded_by) threads = 1;
+  if (threads == 1) {
+    work();
+  } else {
+#pragma omp parallel num_threads(threads)
+    work();
+  }
 
   size_t ci = 0;
   for (int64_t t = 0; t < T; ++t) {

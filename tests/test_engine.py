@@ -242,9 +242,10 @@ def _stats_in_child(x: torch.Tensor, queue) -> None:
     queue.put(torchvitals.tensor_stats(x)["sum"].tolist())
 
 
-def test_worker_pool_after_fork_and_from_several_threads():
-    """The CPU engine's persistent threads: a fork()ed child (a DataLoader worker) gets its
-    own, and calls from several Python threads at once neither deadlock nor mix results."""
+def test_engine_after_fork_and_from_several_threads():
+    """The CPU engine runs on OpenMP threads: a fork()ed child (a DataLoader worker), where
+    a parallel region would hang, reduces serially, and calls from several Python threads
+    at once neither deadlock nor mix results."""
     import multiprocessing
     import threading
 
@@ -252,7 +253,7 @@ def test_worker_pool_after_fork_and_from_several_threads():
     x = torch.arange(8 * chunk, dtype=torch.float32)
     expected = [float(x.double().sum())]
     torch.set_num_threads(2)
-    assert torchvitals.tensor_stats(x)["sum"].tolist() == expected  # starts the pool
+    assert torchvitals.tensor_stats(x)["sum"].tolist() == expected  # starts OpenMP
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_stats_in_child, args=(x, queue))
