@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
-from torchvitals.schema import SCHEMAS, empty_table
+from torchvitals.schema import SCHEMAS, dictionary_codes, empty_table
 
 __all__ = [
     "MERGED_RANK",
@@ -152,14 +152,6 @@ def concat_ranks(
     return _sorted(tables) if tables else empty_table(name)
 
 
-def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    """Integer codes and their labels of a dictionary-encoded string column."""
-    arr = column.combine_chunks()
-    if not pa.types.is_dictionary(arr.type):
-        arr = arr.cast(pa.string()).dictionary_encode()
-    return arr.indices.to_numpy(zero_copy_only=False), arr.dictionary.to_pylist()
-
-
 def _labels(labels: list[str], codes: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(
         pa.array(codes, pa.int32()), pa.array(labels, pa.string())
@@ -218,8 +210,8 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
     shards = table.take(shard_pos)
     step = shards.column("step").to_numpy()
     rank = shards.column("rank").to_numpy().astype(np.int64)
-    layer_codes, layer_labels = _codes(shards.column("layer"))
-    kind_codes, kind_labels = _codes(shards.column("kind"))
+    layer_codes, layer_labels = dictionary_codes(shards.column("layer"))
+    kind_codes, kind_labels = dictionary_codes(shards.column("kind"))
     order, starts = _groups(rank, [kind_codes, layer_codes, step])
     n = len(order)
     sizes = np.diff(np.append(starts, n))
@@ -298,7 +290,7 @@ def _global_grad_scalars(table: pa.Table, manifests: Mapping[int, dict]) -> pa.T
         return table
     step = sel.column("step").to_numpy()
     rank = sel.column("rank").to_numpy().astype(np.int64)
-    codes, labels = _codes(sel.column("name"))
+    codes, labels = dictionary_codes(sel.column("name"))
     value = sel.column("value").to_numpy(zero_copy_only=False)
     order, starts = _groups(rank, [codes, step])
     s_rank = rank[order]

@@ -12,6 +12,7 @@ read back as nulls) and refuse newer runs with a clear error.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
@@ -27,6 +28,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TABLES",
     "conform",
+    "dictionary_codes",
     "empty_table",
     "schema_for",
 ]
@@ -133,3 +135,14 @@ def conform(table: str, data: pa.Table | pa.RecordBatch) -> pa.Table:
                 ) from exc
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and their labels of a string column: dictionary-encoded, as
+    torchvitals writes ``layer``, ``kind`` and ``name``, or plain (labels first-seen)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not pa.types.is_dictionary(column.type):
+        column = column.cast(pa.string()).dictionary_encode()
+    labels = [str(x) for x in column.dictionary.to_pylist()]
+    return column.indices.to_numpy(zero_copy_only=False), labels

@@ -39,7 +39,7 @@ import numpy as np
 from .attribution import attribute
 from .curve import analyse_curve
 from .events import Event
-from .layers import first_nonfinite_layer, initial_loss_finding, layer_findings
+from .layers import initial_loss_finding, layer_findings, nonfinite_onsets
 from .runtables import series_from_run
 from .series import as_1d
 
@@ -98,26 +98,18 @@ def _nonfinite_event(step, loss, series, curve_events):
     g = series.get("grad_norm")
     if g is not None and not np.isfinite(g).all():
         sources.append((int(step[np.argmin(np.isfinite(g))]), "grad_norm"))
-    first_layer = first_nonfinite_layer(step, series)
-    if first_layer is not None:
-        sources.append((first_layer[1], f"layer {first_layer[0]}"))
+    onsets = nonfinite_onsets(step, series)
+    if onsets:
+        sources.append((onsets[0][0], f"layer {onsets[0][1]}"))
     if not sources:
         return None
     at = min(s for s, _ in sources)
     what = ", ".join(f"{w} at step {s}" for s, w in sorted(sources))
     ev = Event("nonfinite", at, at, "critical", f"first non-finite values: {what}", {})
     ev.evidence["first_step"] = float(at)
-    if first_layer is not None:
-        ranked = []
-        for key, v in series.items():
-            metric, _, layer = key.partition("/")
-            if metric == "nonfinite":
-                idx = np.flatnonzero(np.asarray(v) > 0)
-                if idx.size:
-                    ranked.append((int(step[idx[0]]), layer, float(v[idx[0]])))
-        ranked.sort(key=lambda r: r[0])  # stable: ties keep the run's (forward) layer order
-        ev.layers = [(lay, "nonfinite", cnt, int(at - s)) for s, lay, cnt in ranked[:10]]
-        ev.evidence["first_layer_step"] = float(first_layer[1])
+    if onsets:
+        ev.layers = [(lay, "nonfinite", cnt, int(at - s)) for s, lay, cnt in onsets[:10]]
+        ev.evidence["first_layer_step"] = float(onsets[0][0])
     return ev
 
 

@@ -213,16 +213,16 @@ def initial_loss_finding(step, loss, num_classes) -> Event | None:
     )
 
 
-def first_nonfinite_layer(step, series: dict[str, np.ndarray]) -> tuple[str, int] | None:
-    """(layer, step) of the earliest non-zero ``nonfinite/<layer>`` count (ties: key order)."""
-    best = None
+def nonfinite_onsets(step, series: dict[str, np.ndarray]) -> list[tuple[int, str, float]]:
+    """``(step, layer, count)`` of each layer's first non-zero ``nonfinite/<layer>`` count,
+    earliest first (ties keep the series' order, the forward order of the layers)."""
+    onsets = []
     for key, v in series.items():
         metric, _, layer = key.partition("/")
         if metric != "nonfinite" or not layer:
             continue
         idx = np.flatnonzero(np.asarray(v) > 0)
-        if idx.size and (best is None or idx[0] < best[1]):
-            best = (layer, int(idx[0]))
-    if best is None:
-        return None
-    return best[0], int(step[best[1]])
+        if idx.size:
+            onsets.append((int(step[idx[0]]), layer, float(v[idx[0]])))
+    onsets.sort(key=lambda r: r[0])
+    return onsets

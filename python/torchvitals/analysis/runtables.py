@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from torchvitals.schema import dictionary_codes
+
 
 def _one_rank(table, *codes) -> np.ndarray:
     """Per series (rows with equal ``codes``): the rows of its lowest rank. Merged rows
@@ -42,18 +44,6 @@ def _col(table, name) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
-def _codes(table, name):
-    """(codes, labels) of a string or dictionary column."""
-    col = table.column(name).combine_chunks()
-    if hasattr(col, "indices") and hasattr(col, "dictionary"):
-        return col.indices.to_numpy(zero_copy_only=False), [
-            str(x) for x in col.dictionary.to_pylist()
-        ]
-    vals = np.asarray(col.to_pylist(), dtype=object)
-    labels, codes = np.unique(vals.astype(str), return_inverse=True)
-    return codes, list(labels)
-
-
 def _align(steps_all: np.ndarray, steps: np.ndarray, vals: np.ndarray) -> np.ndarray:
     out = np.full(steps_all.size, np.nan)
     pos = np.searchsorted(steps_all, steps)
@@ -71,7 +61,7 @@ def series_from_run(run):
             raise ValueError(f"run.scalars: missing column {c!r}")
     step = _col(scalars, "step").astype(np.int64)
     val = _col(scalars, "value").astype(np.float64)
-    codes, labels = _codes(scalars, "name")
+    codes, labels = dictionary_codes(scalars.column("name"))
     keep = _one_rank(scalars, codes)
     by_name = {}
     for k, lab in enumerate(labels):
@@ -116,8 +106,8 @@ def _layer_series(layers, steps_all):
         if c not in layers.column_names:
             raise ValueError(f"run.layers: missing column {c!r}")
     step = _col(layers, "step").astype(np.int64)
-    lcodes, lnames = _codes(layers, "layer")
-    kcodes, knames = _codes(layers, "kind")
+    lcodes, lnames = dictionary_codes(layers.column("layer"))
+    kcodes, knames = dictionary_codes(layers.column("kind"))
     keep = _one_rank(layers, lcodes, kcodes)
     cols = {c: _col(layers, c).astype(np.float64) for c in need[3:]}
     out = {}
