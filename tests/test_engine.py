@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from engine_inputs import DTYPES, special_values, non_contiguous, random_shape, random_tensor
+from engine_inputs import DTYPES, non_contiguous, random_shape, random_tensor, special_values
 
 import torchvitals
 from torchvitals import histogram
@@ -147,7 +147,7 @@ def test_long_unit_runs_and_concentrated_values(device, dtype):
     picks = torch.randint(0, flat.numel(), (200,), generator=gen)
     specials = torch.tensor(special_values(dtype), dtype=torch.float64)
     flat[picks] = specials[torch.arange(200) % len(specials)]
-    flat[picks[:50]] *= 2.0 ** -40  # far below the chunk's top octave
+    flat[picks[:50]] *= 2.0**-40  # far below the chunk's top octave
     tensors = [t.to(dtype) for t in (conv, big, conv.abs())]
     for thresholds in ([1.5, 1.5, 0.0], [None, 0.25, 1.5]):
         assert_matches_reference(tensors, [1, 1, 1], thresholds, device)
