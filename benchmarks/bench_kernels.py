@@ -1,10 +1,12 @@
 """Fused statistics vs the best PyTorch combination vs naive per-tensor ops.
 
 Tensor lists with the shapes of GPT-2 small (148 tensors, 124M elements) and
-ResNet-50 (161 tensors, 25.6M elements), fp32 and bf16. On a GPU the bandwidth is
-also given as a fraction of the measured device-to-device copy bandwidth.
+ResNet-50 (161 tensors, 25.6M elements), fp32 and bf16, and the small CNN's activations
+(the outputs its Monitor hooks by default for a batch of 64: 12 tensors, 11M elements,
+with dead-unit and saturation counts along dim 1, as the Monitor asks for). On a GPU the
+bandwidth is also given as a fraction of the measured device-to-device copy bandwidth.
 
-    python benchmarks/bench_kernels.py [--device cuda] [--repeats 15]
+    python benchmarks/bench_kernels.py [--device cuda] [--repeats 15] [--lists ...]
 """
 
 from __future__ import annotations
@@ -25,8 +27,21 @@ import torchvitals
 HIST_MIN, HIST_MAX = torchvitals.hist_edges().min_exp, torchvitals.hist_edges().max_exp + 1
 
 
-def fused(tensors):
-    return torchvitals.tensor_stats(tensors)
+def fused(tensors, **options):
+    return torchvitals.tensor_stats(tensors, **options)
+
+
+def tensor_lists(device: str):
+    """(name, dtype, tensors, engine options) of every benchmarked list."""
+    for name, make in (("gpt2-small", models.GPT2Small), ("resnet50", models.ResNet50)):
+        shapes = make()
+        for dtype in (torch.float32, torch.bfloat16):
+            yield name, dtype, models.parameter_list(shapes, dtype, device), {}
+    torch.manual_seed(0)
+    cnn, x = models.SmallCNN(), torch.randn(64, 3, 32, 32)
+    for dtype in (torch.float32, torch.bfloat16):
+        acts = [a.to(device) for a in models.activation_list(cnn, x, dtype)]
+        yield "small-cnn-acts", dtype, acts, {"feature_dim": 1, "saturation": 6.0}
 
 
 def torch_combination(tensors):
@@ -72,40 +87,40 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--skip-naive", action="store_true", help="leave out the slowest variant")
+    parser.add_argument("--lists", nargs="*", default=None, help="only these lists (by name)")
     args = parser.parse_args()
     device = args.device
     copy_bw = copy_bandwidth(device, args.repeats) if device.startswith("cuda") else None
 
     rows = []
-    for list_name, make in (("gpt2-small", models.GPT2Small), ("resnet50", models.ResNet50)):
-        shapes = make()
-        for dtype in (torch.float32, torch.bfloat16):
-            tensors = models.parameter_list(shapes, dtype, device)
-            nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            variants = {
-                "torchvitals": functools.partial(fused, tensors),
-                "torch": functools.partial(torch_combination, tensors),
+    for list_name, dtype, tensors, options in tensor_lists(device):
+        if args.lists and list_name not in args.lists:
+            continue
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        variants = {
+            "torchvitals": functools.partial(fused, tensors, **options),
+            "torch": functools.partial(torch_combination, tensors),
+        }
+        if not args.skip_naive:
+            variants["naive"] = functools.partial(naive, tensors)
+        samples = timing.interleaved(variants, device=device, repeats=args.repeats)
+        ours = timing.median(samples["torchvitals"])
+        for name, s in samples.items():
+            t = timing.median(s)
+            row = {
+                "list": list_name,
+                "dtype": str(dtype).replace("torch.", ""),
+                "tensors": len(tensors),
+                "elements": sum(x.numel() for x in tensors),
+                "variant": name,
+                "median_ms": round(t * 1e3, 3),
+                "GB/s": round(nbytes / t / 1e9, 2),
+                "vs_torchvitals": round(t / ours, 2),
             }
-            if not args.skip_naive:
-                variants["naive"] = functools.partial(naive, tensors)
-            samples = timing.interleaved(variants, device=device, repeats=args.repeats)
-            ours = timing.median(samples["torchvitals"])
-            for name, s in samples.items():
-                t = timing.median(s)
-                row = {
-                    "list": list_name,
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "tensors": len(tensors),
-                    "elements": sum(x.numel() for x in tensors),
-                    "variant": name,
-                    "median_ms": round(t * 1e3, 3),
-                    "GB/s": round(nbytes / t / 1e9, 2),
-                    "vs_torchvitals": round(t / ours, 2),
-                }
-                if copy_bw:
-                    row["frac_of_copy_bw"] = round(nbytes / t / copy_bw, 3)
-                rows.append(row)
-            del tensors, variants
+            if copy_bw:
+                row["frac_of_copy_bw"] = round(nbytes / t / copy_bw, 3)
+            rows.append(row)
+        del tensors, variants
     columns = [
         "list",
         "dtype",

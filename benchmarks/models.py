@@ -120,3 +120,20 @@ def parameter_list(model: nn.Module, dtype: torch.dtype, device: str) -> list[to
         (torch.randn(p.shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
         for p in model.parameters()
     ]
+
+
+def activation_list(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Outputs of the modules a Monitor hooks by default, from one forward of ``x``."""
+    from torchvitals.selection import DEFAULT_TYPES
+
+    outputs: list[torch.Tensor] = []
+    handles = [
+        m.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().to(dtype)))
+        for m in model.modules()
+        if isinstance(m, tuple(DEFAULT_TYPES))
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return outputs
