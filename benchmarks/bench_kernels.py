@@ -27,10 +27,6 @@ import torchvitals
 HIST_MIN, HIST_MAX = torchvitals.hist_edges().min_exp, torchvitals.hist_edges().max_exp + 1
 
 
-def fused(tensors, **options):
-    return torchvitals.tensor_stats(tensors, **options)
-
-
 def tensor_lists(device: str):
     """(name, dtype, tensors, engine options) of every benchmarked list."""
     for name, make in (("gpt2-small", models.GPT2Small), ("resnet50", models.ResNet50)):
@@ -98,7 +94,7 @@ def main() -> None:
             continue
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         variants = {
-            "torchvitals": functools.partial(fused, tensors, **options),
+            "torchvitals": functools.partial(torchvitals.tensor_stats, tensors, **options),
             "torch": functools.partial(torch_combination, tensors),
         }
         if not args.skip_naive:

@@ -12,7 +12,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -179,20 +178,28 @@ struct UnitRuns {
   uint8_t* unsaturated;
 };
 
+// Calls visit(begin, length, unit) for each run of a chunk of n elements, in order.
+template <typename Visit>
+TV_INLINE void for_each_run(int64_t n, const UnitRuns& runs, Visit visit) {
+  int64_t unit = runs.first_unit;
+  for (int64_t i = 0, m = runs.first_length; i < n; i += m, m = runs.length) {
+    m = std::min(m, n - i);
+    visit(i, m, unit);
+    if (runs.units) unit = unit + 1 == runs.units ? 0 : unit + 1;
+  }
+}
+
 // Pass 1 over a chunk, run by run, flagging each run's unit.
 template <typename T>
 TV_VECTOR_CLONES void scan_chunk(const T* x, int64_t n, T threshold, const UnitRuns& runs,
                                  ChunkScan<T>& state) {
   ChunkScan<T> s = state;  // in registers for the loop, not behind the reference
-  int64_t unit = runs.first_unit;
-  for (int64_t i = 0, m = runs.first_length; i < n; i += m, m = runs.length) {
-    m = std::min(m, n - i);
+  for_each_run(n, runs, [&](int64_t i, int64_t m, int64_t unit) {
     const RunFlags f = scan_run(x + i, m, threshold, s);
-    if (runs.units == 0) continue;
+    if (runs.units == 0) return;
     if (f.positive) set_flag(runs.positive + unit);
     if (f.unsaturated) set_flag(runs.unsaturated + unit);
-    unit = unit + 1 == runs.units ? 0 : unit + 1;
-  }
+  });
   state = s;
 }
 
@@ -265,14 +272,12 @@ TV_VECTOR_CLONES void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits 
 // Marks which units saw an element > 0 and which an unsaturated one, for unit runs too
 // short for scan_chunk's vectors (the last dim, or a small spatial extent).
 template <typename T>
-TV_VECTOR_CLONES void mark_short_runs(const T* x, int64_t n, int64_t first_unit, int64_t inner,
-                                      int64_t units, T threshold, uint8_t* positive,
-                                      uint8_t* unsaturated, int64_t offset) {
+TV_VECTOR_CLONES void mark_short_runs(const T* x, int64_t n, T threshold, const UnitRuns& runs) {
   auto is_positive = [](T v) -> uint8_t { return v > 0; };
   auto is_unsaturated = [threshold](T v) -> uint8_t { return !(std::fabs(v) >= threshold); };
-  if (inner == 1) {  // [..., F]: consecutive elements are consecutive units
+  if (runs.length == 1) {  // [..., F]: consecutive elements are consecutive units
     thread_local std::vector<uint8_t> pos_slots, unsat_slots;
-    const int64_t slots = std::min(n, units);  // slot k is unit first_unit + k (mod units)
+    const int64_t slots = std::min(n, runs.units);  // slot k: unit first_unit + k (mod units)
     pos_slots.assign(static_cast<size_t>(slots), 0);
     unsat_slots.assign(static_cast<size_t>(slots), 0);
     // Raw restrict pointers: byte stores through the vectors could alias anything.
@@ -286,26 +291,22 @@ TV_VECTOR_CLONES void mark_short_runs(const T* x, int64_t n, int64_t first_unit,
       }
     }
     for (int64_t k = 0; k < slots; ++k) {
-      int64_t u = first_unit + k;
-      if (u >= units) u -= units;
-      if (pos[k]) set_flag(positive + u);
-      if (unsat[k]) set_flag(unsaturated + u);
+      int64_t u = runs.first_unit + k;
+      if (u >= runs.units) u -= runs.units;
+      if (pos[k]) set_flag(runs.positive + u);
+      if (unsat[k]) set_flag(runs.unsaturated + u);
     }
     return;
   }
-  int64_t unit = first_unit;  // runs of `inner` elements share a unit
-  for (int64_t i = 0, run = inner - offset % inner; i < n; run = inner) {
-    const int64_t m = std::min(run, n - i);
+  for_each_run(n, runs, [&](int64_t i, int64_t m, int64_t unit) {
     uint8_t pos = 0, unsat = 0;
     for (int64_t k = 0; k < m; ++k) {
       pos |= is_positive(x[i + k]);
       unsat |= is_unsaturated(x[i + k]);
     }
-    if (pos) set_flag(positive + unit);
-    if (unsat) set_flag(unsaturated + unit);
-    i += m;
-    unit = unit + 1 == units ? 0 : unit + 1;
-  }
+    if (pos) set_flag(runs.positive + unit);
+    if (unsat) set_flag(runs.unsaturated + unit);
+  });
 }
 
 // Unit runs at least this long are flagged by scan_chunk, shorter ones by mark_short_runs.
@@ -345,19 +346,16 @@ void reduce_chunk(const T* x, const int64_t* d, double saturation, const Chunk& 
   const T threshold = threshold_as<T>(saturation);
   const int64_t n = c.end - c.begin;
   const int64_t units = d[kDescUnits], inner = d[kDescInner];
-  const int64_t first_unit = units > 0 ? (c.begin / inner) % units : 0;
-  const bool fused = units > 0 && inner >= kMinFusedRun;
-  uint8_t* positive_flags = positive + d[kDescFlagOffset];
-  uint8_t* unsaturated_flags = unsaturated + d[kDescFlagOffset];
+  const UnitRuns whole_chunk{n, n, 0, 0, nullptr, nullptr};
   const UnitRuns runs =
-      fused ? UnitRuns{inner - c.begin % inner, inner, first_unit, units, positive_flags,
-                       unsaturated_flags}
-            : UnitRuns{n, n, 0, 0, nullptr, nullptr};
+      units > 0 ? UnitRuns{inner - c.begin % inner,       inner,
+                           (c.begin / inner) % units,     units,
+                           positive + d[kDescFlagOffset], unsaturated + d[kDescFlagOffset]}
+                : whole_chunk;
+  const bool short_runs = units > 0 && inner < kMinFusedRun;
   ChunkScan<T> s;
-  scan_chunk<T>(x, n, threshold, runs, s);
-  if (units > 0 && !fused)
-    mark_short_runs<T>(x, n, first_unit, inner, units, threshold, positive_flags, unsaturated_flags,
-                       c.begin);
+  scan_chunk<T>(x, n, threshold, short_runs ? whole_chunk : runs, s);
+  if (short_runs) mark_short_runs<T>(x, n, threshold, runs);
 
   Bits top_bits;
   const T max_abs = horizontal_max(s.max_abs);
