@@ -47,6 +47,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>());
 
+  m.def("cpu_isa", &torchvitals::cpu_isa,
+        "The CPU kernel in use: 'avx2', or 'baseline' (forced by TORCHVITALS_CPU_ISA=baseline)");
+
 #ifdef TORCHVITALS_WITH_CUDA
   m.def(
       "tensor_stats_cuda",

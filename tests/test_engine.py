@@ -279,3 +279,42 @@ def test_engine_after_fork_and_from_several_threads():
     for i, w in enumerate(want):
         for key in STAT_KEYS:
             assert torch.equal(got[i][key], w[key]), (i, key)
+
+
+_BASELINE_CHILD = """
+import sys, torch, torchvitals
+assert torchvitals._C.cpu_isa() == "baseline", torchvitals._C.cpu_isa()
+tensors, dims, thresholds = torch.load(sys.argv[1])
+torch.save(torchvitals.tensor_stats(tensors, feature_dim=dims, saturation=thresholds), sys.argv[2])
+"""
+
+
+def test_cpu_kernels_agree_bit_for_bit(tmp_path):
+    """The portable CPU kernel (forced with TORCHVITALS_CPU_ISA=baseline, what CPUs without
+    AVX2 run) gives the same bits as the one this CPU picks, sums included."""
+    import os
+    import subprocess
+    import sys
+
+    gen = fresh_generator()
+    chunk = torchvitals._C.CHUNK_ELEMS
+    tensors, dims, thresholds = [], [], []
+    for dtype in DTYPES:
+        tensors += [random_tensor(gen, random_shape(gen), dtype) for _ in range(4)]
+        tensors.append(random_tensor(gen, (2 * chunk + 37,), dtype))
+        gaussian = torch.randn(5, 24, 21, 23, generator=gen).to(dtype)  # unit runs of 483
+        gaussian.view(-1)[:: chunk // 7] = math.nan
+        tensors += [gaussian, gaussian.relu(), gaussian[:, :, 0, :5].contiguous()]
+        dims += [None] * 5 + [1, 1, -1]
+        thresholds += [None, 0.5, None, 2.0, 1.0, 2.0, None, 0.0]
+    inputs, outputs = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
+    torch.save((tensors, dims, thresholds), inputs)
+    env = dict(os.environ, TORCHVITALS_CPU_ISA="baseline")
+    subprocess.run(
+        [sys.executable, "-c", _BASELINE_CHILD, str(inputs), str(outputs)], env=env, check=True
+    )
+    baseline = torch.load(outputs)
+    got = torchvitals.tensor_stats(tensors, feature_dim=dims, saturation=thresholds)
+    for key in STAT_KEYS:
+        assert torch.equal(got[key], baseline[key]), key
+    assert_matches_reference(tensors, dims, thresholds, "cpu")
