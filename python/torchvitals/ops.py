@@ -22,7 +22,8 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.flo
 _NO_FEATURE = -1
 
 
-def _check_tensor(index: int, t: object, device: torch.device | None) -> None:
+def _check_tensor(index: int, t: object, device: torch.device | None) -> torch.device:
+    """``t``'s device, once ``t`` is known to be something the engine reads."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"tensors[{index}] is a {type(t).__name__}, not a torch.Tensor")
     if t.layout != torch.strided:
@@ -31,12 +32,14 @@ def _check_tensor(index: int, t: object, device: torch.device | None) -> None:
         raise TypeError(
             f"tensors[{index}] has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
         )
-    if t.device.type == "meta":
+    t_device = t.device
+    if t_device.type == "meta":
         raise ValueError(f"tensors[{index}] is on the meta device and holds no data")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"tensors[{index}] is on {t.device}; supported devices: cpu, cuda")
-    if device is not None and t.device != device:
-        raise ValueError(f"tensors[{index}] is on {t.device} but tensors[0] is on {device}")
+    if t_device.type not in ("cpu", "cuda"):
+        raise ValueError(f"tensors[{index}] is on {t_device}; supported devices: cpu, cuda")
+    if device is not None and t_device != device:
+        raise ValueError(f"tensors[{index}] is on {t_device} but tensors[0] is on {device}")
+    return t_device
 
 
 def _normalize_feature_dim(index: int, t: torch.Tensor, dim: int | None) -> int:
@@ -73,8 +76,7 @@ def fused_stats(
     tensors = list(tensors)
     device = None
     for i, t in enumerate(tensors):
-        _check_tensor(i, t, device)
-        device = t.device
+        device = _check_tensor(i, t, device)
     dims = per_tensor(feature_dim, len(tensors), "feature_dim")
     thresholds = per_tensor(saturation, len(tensors), "saturation")
     dims = [
@@ -88,7 +90,9 @@ def fused_stats(
             torch.zeros(0, histogram.NUM_BINS, dtype=torch.int64),
         )
     detached = [t.detach() for t in tensors]
-    return torch.ops.torchvitals.tensor_stats(detached, dims, thresholds)
+    # Eager calls skip the dispatcher (about 0.1 ms a call); torch.compile sees the op.
+    op = torch.ops.torchvitals.tensor_stats if torch.compiler.is_compiling() else _tensor_stats
+    return op(detached, dims, thresholds)
 
 
 def tensor_stats(
@@ -117,6 +121,8 @@ def tensor_stats(
 def _dense(t: torch.Tensor) -> bool:
     """Whether the elements fill ``numel`` consecutive slots in some order (no gaps, no
     overlaps): then the kernels can read the memory as it is."""
+    if t.is_contiguous():
+        return True
     expected = 1
     for size, stride in sorted(
         ((n, st) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1), key=lambda d: d[1]
@@ -185,8 +191,7 @@ class _DeviceTables:
 _device_tables = _DeviceTables()
 
 
-@torch.library.custom_op("torchvitals::tensor_stats", mutates_args=())
-def _tensor_stats_op(
+def _tensor_stats(
     tensors: list[torch.Tensor], feature_dims: list[int], saturation: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Dense tensors in any layout (channels-last, transposed) are read in place, in memory
@@ -223,6 +228,11 @@ def _tensor_stats_op(
             hist.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return moments, counts, hist
+
+
+_tensor_stats_op = torch.library.custom_op("torchvitals::tensor_stats", mutates_args=())(
+    _tensor_stats
+)
 
 
 @_tensor_stats_op.register_fake
