@@ -2,7 +2,8 @@
 
 Each variant trains its own copy of the model (same initial weights, same batches),
 and the variants' steps are interleaved, so drifts hit them all alike; overhead is the
-median over rounds of each round's ratio to ``none``. Variants:
+median over rounds of each round's ratio to ``none`` (with the quartiles of those ratios, the
+noise). Variants:
 ``none``; ``torchvitals`` (every step: gradients, activations, histograms, scalars) and
 ``torchvitals-no-acts`` (the same without activation hooks) and ``torchvitals-acts/10``
 (activations every 10th step);
@@ -199,19 +200,19 @@ def main() -> None:
                 mon.close()
                 dropped[name] = mon.writer.dropped
             for name, s in samples.items():
-                ratio = timing.median_ratio(s, samples["none"])
+                q25, ratio, q75 = timing.ratio_quartiles(s, samples["none"])
                 rows.append(
                     {
                         "model": kind,
                         "variant": name,
                         "median_step_ms": round(timing.median(s) * 1e3, 2),
                         "overhead_%": round((ratio - 1) * 100, 2),
+                        "overhead_iqr_%": f"{(q25 - 1) * 100:.1f}..{(q75 - 1) * 100:.1f}",
                         "dropped_records": dropped.get(name, ""),
                     }
                 )
-    print(
-        timing.table(rows, ["model", "variant", "median_step_ms", "overhead_%", "dropped_records"])
-    )
+    columns = ["model", "variant", "median_step_ms", "overhead_%", "overhead_iqr_%"]
+    print(timing.table(rows, [*columns, "dropped_records"]))
     env = timing.environment(device)
     tag = env.get("gpu", "cpu").replace(" ", "-") if device.startswith("cuda") else "cpu"
     print(f"saved {timing.save(f'overhead-{tag}', {'env': env, 'rows': rows})}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+import torchvitals
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -67,10 +69,13 @@ def median(samples: list[float]) -> float:
     return statistics.median(samples)
 
 
-def median_ratio(samples: list[float], baseline: list[float]) -> float:
-    """Median of the per-round ratios ``samples[i] / baseline[i]``: each ratio compares runs
-    taken back to back, so a slow patch of the machine cancels out of it."""
-    return statistics.median(s / b for s, b in zip(samples, baseline, strict=True))
+def ratio_quartiles(samples: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Quartiles (25%, median, 75%) of the per-round ratios ``samples[i] / baseline[i]``: each
+    ratio compares runs taken back to back, so a slow patch of the machine cancels out of
+    it, and the spread says how far the median can be trusted."""
+    ratios = [s / b for s, b in zip(samples, baseline, strict=True)]
+    q25, median, q75 = statistics.quantiles(ratios, n=4)
+    return q25, median, q75
 
 
 def environment(device: str) -> dict[str, object]:
@@ -88,6 +93,7 @@ def environment(device: str) -> dict[str, object]:
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "cpu_kernel": torchvitals._C.cpu_isa(),
         "commit": commit,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
