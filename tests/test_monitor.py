@@ -61,6 +61,10 @@ def test_two_lines_record_every_step(tmp_path):
     assert run.scalar("lr/group0")[1].tolist() == [0.05] * 6
     assert run.scalar("accuracy")[1].tolist() == [0.5] * 6
     assert set(run.scalar_names()) >= {"grad_norm", "step_time", "grad_nonfinite"}
+    # The monitor's own cost: positive, and a part of the step it was spent in.
+    _, hook_time = run.scalar("torchvitals/hook_time")
+    _, step_time = run.scalar("step_time")
+    assert (hook_time > 0).all() and (hook_time[1:] < step_time[1:]).all()
     grads = layer_rows(run, "grad")
     assert sorted(grads["step"].unique()) == list(range(6))
     assert set(grads["layer"]) == {n for n, _ in model.named_parameters()}

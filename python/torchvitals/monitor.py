@@ -39,6 +39,7 @@ from torchvitals.distributed import (
     unwrap,
 )
 from torchvitals.ops import fused_stats
+from torchvitals.schema import HOOK_TIME_SCALAR
 from torchvitals.selection import DEFAULT_TYPES, HookSpec, feature_dim, select_modules
 from torchvitals.transfer import HostSnapshot
 from torchvitals.writer import RunWriter
@@ -202,6 +203,9 @@ class Monitor:
         self._step_lrs: dict[int, list[Any]] = {}  # lr of each optimizer at its step
         self._previous_scale = _snapshot(getattr(scaler, "_scale", None))
         self._last_step_time = time.perf_counter()
+        # Training-thread time in hooks and step() since the last record: what telemetry
+        # costs the training loop, measured where it is spent (guarded calls never nest).
+        self._hook_seconds = 0.0
         self._handles: list[Any] = []
 
         self._param_names = {id(p): name for name, p in model.named_parameters()}
@@ -287,6 +291,7 @@ class Monitor:
         """Telemetry must never take the training run down: count, warn once, go on."""
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
@@ -301,6 +306,8 @@ class Monitor:
                     RuntimeWarning,
                 )
                 return None
+            finally:
+                self._hook_seconds += time.perf_counter() - start
 
         return guarded
 
@@ -571,6 +578,9 @@ class Monitor:
             self._collect_weights()
         host, device = self._device_scalars(loss, scalars)
         host["step_time"] = step_time
+        spent = time.perf_counter() - now  # step() so far; the rest of it counts next time
+        host[HOOK_TIME_SCALAR] = self._hook_seconds + spent
+        self._hook_seconds = -spent
         # Batches captured in a CUDA graph are rewritten by every replay; hooks do not run.
         pending = {id(b) for b in self._pending}
         captured = [b for b in self._graph_batches if id(b) not in pending]

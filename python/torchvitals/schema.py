@@ -21,6 +21,7 @@ __all__ = [
     "DICT_STRING",
     "DROPPED_SCALAR",
     "HIST",
+    "HOOK_TIME_SCALAR",
     "LAYERS",
     "REQUIRED",
     "SCALARS",
@@ -41,6 +42,9 @@ DICT_STRING = pa.dictionary(pa.int32(), pa.string())
 
 #: Name of the scalar the writer records when it had to drop queued batches.
 DROPPED_SCALAR = "torchvitals/dropped"
+
+#: Name of the scalar with the seconds the training thread spent in torchvitals per step.
+HOOK_TIME_SCALAR = "torchvitals/hook_time"
 
 
 def _meta(table: str) -> dict[bytes, bytes]:
