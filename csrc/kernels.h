@@ -15,8 +15,8 @@ struct StatsBuffers {
   uint8_t* unit_unsaturated;  // [total units], zero on entry: 1 once a unit saw !(|x| >=
                               // threshold), which NaN values and a NaN threshold satisfy
   double* moments;            // [T, kMomentCols] out
-  int64_t* counts;            // [T, kCountCols] out; zero on entry
-  int64_t* hist;              // [T, kHistBins] out; zero on entry
+  int64_t* counts;            // [T, kCountCols] out; zero on entry for CUDA
+  int64_t* hist;              // [T, kHistBins] out; zero on entry for CUDA
   double* partials;           // CUDA only: [num_chunks, kMomentCols] scratch
 };
 

@@ -9,6 +9,7 @@ stream with no host sync and works under ``torch.compile`` (it is opaque to Dyna
 from __future__ import annotations
 
 import math
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -200,11 +201,14 @@ def _tensor_stats(
     device = tensors[0].device
     rows, num_chunks, num_units = _descriptors(tensors, feature_dims)
     count = len(tensors)
+    # The CUDA kernel adds into zeroed counts; the CPU one writes every entry itself.
+    alloc = torch.zeros if device.type == "cuda" else torch.empty
     flags = torch.zeros(2, num_units, dtype=torch.uint8, device=device)
     moments = torch.empty(count, _C.MOMENT_COLS, dtype=torch.float64, device=device)
-    counts = torch.zeros(count, _C.COUNT_COLS, dtype=torch.int64, device=device)
-    hist = torch.zeros(count, histogram.NUM_BINS, dtype=torch.int64, device=device)
-    common = (flags[0].data_ptr(), flags[1].data_ptr(), moments.data_ptr(), counts.data_ptr())
+    counts = alloc(count, _C.COUNT_COLS, dtype=torch.int64, device=device)
+    hist = alloc(count, histogram.NUM_BINS, dtype=torch.int64, device=device)
+    flags_ptr = flags.data_ptr()  # row 0 at flags_ptr, row 1 num_units bytes further
+    common = (flags_ptr, flags_ptr + num_units, moments.data_ptr(), counts.data_ptr())
 
     if device.type == "cuda":
         if not getattr(_C, "built_with_cuda", False):
@@ -221,10 +225,11 @@ def _tensor_stats(
                 hist.data_ptr(), partials.data_ptr(), stream,
             )  # fmt: skip
     else:
-        desc = torch.tensor(rows, dtype=torch.int64)
-        sat = torch.tensor(saturation, dtype=torch.float64)
+        # Plain arrays: the engine only reads them, during the call (a torch.tensor of a
+        # list costs ten times more).
+        desc, sat = array("q", rows), array("d", saturation)
         _C.tensor_stats_cpu(
-            desc.data_ptr(), sat.data_ptr(), count, num_chunks, *common,
+            desc.buffer_info()[0], sat.buffer_info()[0], count, num_chunks, *common,
             hist.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
     return moments, counts, hist
