@@ -22,13 +22,12 @@ struct ChunkKernel {
 };
 
 ChunkKernel pick_chunk_kernel() {
+#if defined(TORCHVITALS_WITH_AVX2)
   const char* forced = std::getenv("TORCHVITALS_CPU_ISA");
   const bool baseline = forced != nullptr && std::strcmp(forced, "baseline") == 0;
-#if defined(TORCHVITALS_WITH_AVX2)
   __builtin_cpu_init();  // we may run before the constructor that would call it
   if (!baseline && __builtin_cpu_supports("avx2")) return {"avx2", cpu_avx2::reduce_chunk};
 #endif
-  (void)baseline;
   return {"baseline", cpu_baseline::reduce_chunk};
 }
 

@@ -411,13 +411,14 @@ void reduce_typed_chunk(const T* x, const int64_t* d, double saturation, const C
   const UnitRuns& scanned_runs = short_runs ? whole_chunk : runs;
   ChunkScan<T> s;
   scan_chunk<false>(x, n, threshold, scanned_runs, s);
-  if (static_cast<Bits>(horizontal_max(s.max_abs_bits)) >= L::kInfBits) {
+  Bits top_bits = static_cast<Bits>(horizontal_max(s.max_abs_bits));
+  if (top_bits >= L::kInfBits) {
     s = ChunkScan<T>{};  // a NaN or Inf: the sums and maximum must leave it out
     scan_chunk<true>(x, n, threshold, scanned_runs, s);
+    top_bits = static_cast<Bits>(horizontal_max(s.max_abs_bits));
   }
   if (short_runs) mark_short_runs<T>(x, n, threshold, runs);
 
-  const Bits top_bits = static_cast<Bits>(horizontal_max(s.max_abs_bits));
   T max_abs;
   std::memcpy(&max_abs, &top_bits, sizeof(max_abs));
   // At least kWindow, so that the window never reaches key 0 (zeros and subnormals).
