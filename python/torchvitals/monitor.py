@@ -343,10 +343,10 @@ class Monitor:
                 self._reduce("act", [spec.name], [x], [dim], [spec.saturation],
                              [not spec.counts_dead])  # fmt: skip
             else:
-                # detach() shares the version counter: an in-place op later shows up.
-                # (Compiled graphs functionalize in-place ops; their versions mean nothing.)
+                # An in-place op later bumps the version. (Compiled graphs functionalize
+                # in-place ops; their versions mean nothing.)
                 version = None if torch.compiler.is_compiling() else x._version
-                self._stashed_acts.append((spec, x.detach(), version))
+                self._stashed_acts.append((spec, x, version))
 
         on_forward.__name__ = "activation hook"
         return on_forward
@@ -432,9 +432,9 @@ class Monitor:
         dims = dims or [None] * len(tensors)
         thresholds = thresholds or [None] * len(tensors)
         dead_undefined = dead_undefined or [False] * len(tensors)
-        by_device: dict[torch.device, list[int]] = {}
+        by_device: dict[int, list[int]] = {}  # by get_device(): -1 is the CPU
         for i, t in enumerate(tensors):
-            by_device.setdefault(t.device, []).append(i)
+            by_device.setdefault(t.get_device(), []).append(i)
         for idx in by_device.values():
             moments, counts, hist = fused_stats(
                 [tensors[i] for i in idx],
@@ -547,7 +547,9 @@ class Monitor:
         if self.closed:
             self._warn_once("closed", "torchvitals: Monitor.step() after close() records nothing")
             return
-        self._guard(self._step)(loss, scalars)
+        # Read before the guard starts its clock: the step boundary lies outside every timed
+        # span, so hook_time covers exactly the span of step_time.
+        self._guard(self._step)(time.perf_counter(), loss, scalars)
         if self._live is not None:  # apart from _step: every rank must reduce every step
             self._guard(self._live_step)(loss)
         self.step_count += 1
@@ -569,8 +571,7 @@ class Monitor:
         model's forward already did)."""
         self._guard(self._end_forward)()
 
-    def _step(self, loss: Any, scalars: dict[str, Any]) -> None:
-        now = time.perf_counter()
+    def _step(self, now: float, loss: Any, scalars: dict[str, Any]) -> None:
         step_time, self._last_step_time = now - self._last_step_time, now
         if not self.optimizers:
             self._collect_grads()
@@ -578,9 +579,8 @@ class Monitor:
             self._collect_weights()
         host, device = self._device_scalars(loss, scalars)
         host["step_time"] = step_time
-        spent = time.perf_counter() - now  # step() so far; the rest of it counts next time
-        host[HOOK_TIME_SCALAR] = self._hook_seconds + spent
-        self._hook_seconds = -spent
+        # Time in hooks over the same span as step_time; this call counts in the next one.
+        host[HOOK_TIME_SCALAR], self._hook_seconds = self._hook_seconds, 0.0
         # Batches captured in a CUDA graph are rewritten by every replay; hooks do not run.
         pending = {id(b) for b in self._pending}
         captured = [b for b in self._graph_batches if id(b) not in pending]

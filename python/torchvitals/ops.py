@@ -23,8 +23,10 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.flo
 _NO_FEATURE = -1
 
 
-def _check_tensor(index: int, t: object, device: torch.device | None) -> torch.device:
-    """``t``'s device, once ``t`` is known to be something the engine reads."""
+def _check_tensor(index: int, t: object) -> int:
+    """``t``'s device index (-1 on the CPU), once ``t`` is known to be something the
+    engine reads. Runs on every tensor of every call: the cheap accessors only
+    (``Tensor.device.type`` alone costs more than all of these)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"tensors[{index}] is a {type(t).__name__}, not a torch.Tensor")
     if t.layout != torch.strided:
@@ -33,14 +35,11 @@ def _check_tensor(index: int, t: object, device: torch.device | None) -> torch.d
         raise TypeError(
             f"tensors[{index}] has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
         )
-    t_device = t.device
-    if t_device.type == "meta":
-        raise ValueError(f"tensors[{index}] is on the meta device and holds no data")
-    if t_device.type not in ("cpu", "cuda"):
-        raise ValueError(f"tensors[{index}] is on {t_device}; supported devices: cpu, cuda")
-    if device is not None and t_device != device:
-        raise ValueError(f"tensors[{index}] is on {t_device} but tensors[0] is on {device}")
-    return t_device
+    if not (t.is_cpu or t.is_cuda):
+        if t.is_meta:
+            raise ValueError(f"tensors[{index}] is on the meta device and holds no data")
+        raise ValueError(f"tensors[{index}] is on {t.device}; supported devices: cpu, cuda")
+    return t.get_device()
 
 
 def _normalize_feature_dim(index: int, t: torch.Tensor, dim: int | None) -> int:
@@ -75,9 +74,15 @@ def fused_stats(
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     tensors = list(tensors)
-    device = None
+    device_index = None
     for i, t in enumerate(tensors):
-        device = _check_tensor(i, t, device)
+        t_index = _check_tensor(i, t)
+        if device_index is None:
+            device_index = t_index
+        elif t_index != device_index:
+            raise ValueError(
+                f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}"
+            )
     dims = per_tensor(feature_dim, len(tensors), "feature_dim")
     thresholds = per_tensor(saturation, len(tensors), "saturation")
     dims = [
@@ -90,10 +95,11 @@ def fused_stats(
             torch.zeros(0, len(COUNT_KEYS), dtype=torch.int64),
             torch.zeros(0, histogram.NUM_BINS, dtype=torch.int64),
         )
-    detached = [t.detach() for t in tensors]
-    # Eager calls skip the dispatcher (about 0.1 ms a call); torch.compile sees the op.
-    op = torch.ops.torchvitals.tensor_stats if torch.compiler.is_compiling() else _tensor_stats
-    return op(detached, dims, thresholds)
+    if torch.compiler.is_compiling():  # the traced op has no autograd formula
+        return torch.ops.torchvitals.tensor_stats([t.detach() for t in tensors], dims, thresholds)
+    # Eager calls skip the dispatcher (about 0.1 ms a call) and need no detach: the engine
+    # reads raw memory and its outputs are new tensors outside any graph.
+    return _tensor_stats(tensors, dims, thresholds)
 
 
 def tensor_stats(
@@ -197,7 +203,7 @@ def _tensor_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Dense tensors in any layout (channels-last, transposed) are read in place, in memory
     # order; only views with gaps or overlaps cost a copy.
-    tensors = [t if _dense(t) else t.contiguous() for t in tensors]
+    tensors = [t if _dense(t) else t.detach().contiguous() for t in tensors]
     device = tensors[0].device
     rows, num_chunks, num_units = _descriptors(tensors, feature_dims)
     count = len(tensors)
