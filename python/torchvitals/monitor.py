@@ -291,7 +291,10 @@ class Monitor:
         """Telemetry must never take the training run down: count, warn once, go on."""
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            # Dynamo cannot trace perf_counter: under torch.compile a hook's clock would
+            # break the graph at every hooked module. Compiled hooks go untimed.
+            timed = not torch.compiler.is_compiling()
+            start = time.perf_counter() if timed else 0.0
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
@@ -307,7 +310,8 @@ class Monitor:
                 )
                 return None
             finally:
-                self._hook_seconds += time.perf_counter() - start
+                if timed:
+                    self._hook_seconds += time.perf_counter() - start
 
         return guarded
 
