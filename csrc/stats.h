@@ -117,12 +117,6 @@ TV_HD float f16_to_f32(uint16_t h) {
   return f;
 }
 
-TV_HD uint32_t f32_bits(float f) {
-  uint32_t b;
-  memcpy(&b, &f, sizeof(b));
-  return b;
-}
-
 TV_HD uint64_t f64_bits(double d) {
   uint64_t b;
   memcpy(&b, &d, sizeof(b));

@@ -195,7 +195,7 @@ class Monitor:
         self._graph_batches: list[_Batch] = []
         self._stashed_acts: list[tuple[HookSpec, torch.Tensor, int | None]] = []
         self._reduce_in_hook: set[str] = set()  # modules whose output is changed in place
-        self._stashed_act_grads: list[tuple[str, torch.Tensor]] = []
+        self._stashed_act_grads: dict[str, torch.Tensor] = {}  # by module, in backward order
         self._recording_acts = False
         self._acts_done = False
         self._grads_seen: set[int] = set()  # parameters whose gradient this step has read
@@ -359,9 +359,9 @@ class Monitor:
         def on_backward(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
             g = _first_tensor(grad_output)
             # Under gradient accumulation only the step's first backward is kept.
-            seen = any(n == name for n, _ in self._stashed_act_grads)
+            seen = name in self._stashed_act_grads
             if g is not None and not seen and self.step_count % self.config.grad_every == 0:
-                self._stashed_act_grads.append((name, g.detach()))
+                self._stashed_act_grads[name] = g.detach()
 
         on_backward.__name__ = "activation-gradient hook"
         return on_backward
@@ -496,8 +496,8 @@ class Monitor:
         if grads:
             self._reduce("grad", names, grads)
         if self._stashed_act_grads:
-            stashed, self._stashed_act_grads = self._stashed_act_grads, []
-            self._reduce("act_grad", [n for n, _ in stashed], [g for _, g in stashed])
+            stashed, self._stashed_act_grads = self._stashed_act_grads, {}
+            self._reduce("act_grad", list(stashed), list(stashed.values()))
 
     def _collect_weights(self) -> None:
         named = []
