@@ -37,7 +37,7 @@ import models
 import timing
 
 import torchvitals
-from torchvitals.schema import HOOK_TIME_SCALAR
+from torchvitals.store.schema import HOOK_TIME_SCALAR
 
 HIST_RANGE = (-64.0, 16.0)
 

@@ -124,7 +124,7 @@ def parameter_list(model: nn.Module, dtype: torch.dtype, device: str) -> list[to
 
 def activation_list(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """Outputs of the modules a Monitor hooks by default, from one forward of ``x``."""
-    from torchvitals.selection import DEFAULT_TYPES
+    from torchvitals.collect.selection import DEFAULT_TYPES
 
     outputs: list[torch.Tensor] = []
     handles = [

@@ -1,13 +1,13 @@
 """torchvitals: every-step training telemetry for PyTorch."""
 
 from torchvitals.analysis import Event, detect_events
-from torchvitals.histogram import HistLayout, hist_edges
-from torchvitals.merge import MissingRanksWarning, merge_ranks, rank_coverage
-from torchvitals.monitor import Monitor
-from torchvitals.ops import tensor_stats
-from torchvitals.run import Run, SchemaVersionError, SegmentRecovery, load_run
-from torchvitals.schema import SCHEMA_VERSION
-from torchvitals.writer import RunWriter
+from torchvitals.collect.monitor import Monitor
+from torchvitals.engine.histogram import HistLayout, hist_edges
+from torchvitals.engine.op import tensor_stats
+from torchvitals.store.merge import MissingRanksWarning, merge_ranks, rank_coverage
+from torchvitals.store.reader import Run, SchemaVersionError, SegmentRecovery, load_run
+from torchvitals.store.schema import SCHEMA_VERSION
+from torchvitals.store.writer import RunWriter
 
 __version__ = "0.1.0"
 

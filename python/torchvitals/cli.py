@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 def _load(path: str):
-    from torchvitals.run import load_run
+    from torchvitals.store.reader import load_run
 
     return load_run(path)
 
@@ -35,8 +35,8 @@ def _detect(arrays, args):
 
 def _analyse_and_report(run, args, console: Console, out: Path) -> list:
     from torchvitals.analysis.runtables import series_from_run
-    from torchvitals.report import write_report
-    from torchvitals.terminal import print_summary
+    from torchvitals.report.html import write_report
+    from torchvitals.report.terminal import print_summary
 
     with _progress(console) as bar:
         task = bar.add_task("detecting events", total=None)
@@ -89,7 +89,7 @@ def cmd_events(args) -> int:
 
 def cmd_demo(args) -> int:
     from torchvitals.demo import train
-    from torchvitals.run import load_run
+    from torchvitals.store.reader import load_run
 
     console = Console()
     out = Path(args.out)

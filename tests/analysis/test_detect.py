@@ -11,9 +11,9 @@ import pytest
 
 from torchvitals.analysis.detect import detect_events
 from torchvitals.analysis.events import Event
-from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 
-CURVES = Path(__file__).resolve().parents[2] / "shared" / "curves"
+CURVES = Path(__file__).resolve().parents[3] / "shared" / "curves"
 
 
 def kinds(events, kind):

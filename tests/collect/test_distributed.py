@@ -19,10 +19,10 @@ from dist_worker import FLUSHED_UNTIL, KILL_AT, LR, STEPS, global_batches, make_
 from torch import nn
 
 import torchvitals
-from torchvitals.distributed import recording_ranks
-from torchvitals.merge import MERGED_RANK, MissingRanksWarning, merge_ranks, rank_coverage
-from torchvitals.run import load_run
-from torchvitals.writer import RunWriter
+from torchvitals.collect.distributed import recording_ranks
+from torchvitals.store.merge import MERGED_RANK, MissingRanksWarning, merge_ranks, rank_coverage
+from torchvitals.store.reader import load_run
+from torchvitals.store.writer import RunWriter
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
 PARAMS = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
@@ -290,7 +290,7 @@ def test_unsharded_runs_merge_as_a_concatenation(tmp_path):
     t = torch.randn(6, 4)
     write_shards(tmp_path, {0: [t, t], 1: [t, t]}, world=2, sharded=False)
     merged = load_run(tmp_path, merge=merge_ranks)
-    plain = load_run(tmp_path, merge=torchvitals.run.concat_ranks)
+    plain = load_run(tmp_path, merge=torchvitals.store.reader.concat_ranks)
     for name in ("scalars", "layers", "hist"):
         assert merged.table(name).equals(plain.table(name))
 

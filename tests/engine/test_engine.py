@@ -10,8 +10,8 @@ import torch
 from engine_inputs import DTYPES, non_contiguous, random_shape, random_tensor, special_values
 
 import torchvitals
-from torchvitals import histogram
-from torchvitals.reference import STAT_KEYS, tensor_stats_reference
+from torchvitals.engine import histogram
+from torchvitals.engine.reference import STAT_KEYS, tensor_stats_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 EXACT_KEYS = [k for k in STAT_KEYS if k not in ("sum", "sumsq")]

@@ -7,7 +7,7 @@ import torch
 from engine_inputs import DTYPES, random_shape, random_tensor
 
 import torchvitals
-from torchvitals.reference import STAT_KEYS
+from torchvitals.engine.reference import STAT_KEYS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

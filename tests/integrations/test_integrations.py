@@ -51,7 +51,7 @@ def assert_same_params(run, ref, prefix: str = ""):
 
 def test_core_import_does_not_import_the_integrations():
     code = (
-        "import sys, torchvitals, torchvitals.run, torchvitals.merge; "
+        "import sys, torchvitals, torchvitals.store.reader, torchvitals.store.merge; "
         "bad = [m for m in ('lightning', 'pytorch_lightning', 'transformers', "
         "'torchvitals.integrations') if m in sys.modules]; print(bad); assert not bad"
     )

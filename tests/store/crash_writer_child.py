@@ -22,7 +22,7 @@ spec = importlib.util.find_spec("torchvitals")
 pkg = types.ModuleType("torchvitals")
 pkg.__path__ = list(spec.submodule_search_locations)
 sys.modules["torchvitals"] = pkg
-from torchvitals.writer import RunWriter  # noqa: E402
+from torchvitals.store.writer import RunWriter  # noqa: E402
 
 LAYERS = [f"block.{i}" for i in range(16)]
 

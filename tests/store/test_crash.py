@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from torchvitals.run import load_run
+from torchvitals.store.reader import load_run
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer_child.py")
 TRIALS = 3

@@ -12,13 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from torchvitals.run import SchemaVersionError, load_run
-from torchvitals.schema import SCHEMA_VERSION, SCHEMAS
-from torchvitals.writer import RunWriter
+from torchvitals.store.reader import SchemaVersionError, load_run
+from torchvitals.store.schema import SCHEMA_VERSION, SCHEMAS
+from torchvitals.store.writer import RunWriter
 
-DOCS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "schema.md"
-)
+DOCS = str(Path(__file__).resolve().parents[2] / "docs" / "schema.md")
 
 
 def write_run(path, steps=6, flush_each_step=True):

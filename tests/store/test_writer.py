@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from torchvitals.run import load_run
-from torchvitals.schema import DROPPED_SCALAR, SCHEMA_VERSION, SCHEMAS
-from torchvitals.writer import RunWriter
+from torchvitals.store.reader import load_run
+from torchvitals.store.schema import DROPPED_SCALAR, SCHEMA_VERSION, SCHEMAS
+from torchvitals.store.writer import RunWriter
 
 MANIFEST = {"world_size": 1, "config": {"every": 1}}
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from torchvitals.schema import dictionary_codes
+from torchvitals.store.schema import dictionary_codes
 
 
 def _one_rank(table, *codes) -> np.ndarray:
     """Per series (rows with equal ``codes``): the rows of its lowest rank. Merged rows
-    (rank -1, torchvitals.merge) are the lowest, so they win where a series has them."""
+    (rank -1, torchvitals.store.merge) are the lowest, so they win where a series has them."""
     n = table.num_rows
     if "rank" not in table.column_names or not n:
         return np.ones(n, dtype=bool)

@@ -2,7 +2,7 @@
 
 - :func:`layout`: the process-group layout written to each rank's manifest (rank, world
   size, backend, torchrun's local/node ranks, the DDP group, the device meshes and the
-  placement of every sharded parameter), which :mod:`torchvitals.merge` reads back.
+  placement of every sharded parameter), which :mod:`torchvitals.store.merge` reads back.
 - :class:`ParamPolicy`: which parameters this rank records, and the tensor it measures.
   A DTensor (FSDP2 ``fully_shard``, tensor parallel) is measured through ``to_local()``,
   the local shard, with no communication; of the ranks holding identical copies (a

@@ -8,7 +8,7 @@ background thread runs once the copy has landed. The training thread never waits
 on the GPU, and a failure inside telemetry is counted and warned about, never raised
 (unless ``strict=True``).
 
-Distributed (``torchvitals.distributed``): each rank records what it holds, with no
+Distributed (``torchvitals.collect.distributed``): each rank records what it holds, with no
 communication; a DTensor parameter (FSDP2) through its local shard, replicas (DDP)
 once. The optional live mode adds one asynchronous ``all_reduce`` per step.
 """
@@ -27,9 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torchvitals import histogram
-from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
-from torchvitals.distributed import (
+from torchvitals.collect.distributed import (
     LIVE_SCALARS,
     GradsOn,
     LiveReducer,
@@ -38,11 +36,13 @@ from torchvitals.distributed import (
     layout,
     unwrap,
 )
-from torchvitals.ops import fused_stats
-from torchvitals.schema import HOOK_TIME_SCALAR
-from torchvitals.selection import DEFAULT_TYPES, HookSpec, feature_dim, select_modules
-from torchvitals.transfer import HostSnapshot
-from torchvitals.writer import RunWriter
+from torchvitals.collect.host_copy import HostSnapshot
+from torchvitals.collect.selection import DEFAULT_TYPES, HookSpec, feature_dim, select_modules
+from torchvitals.engine import histogram
+from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.engine.op import fused_stats
+from torchvitals.store.schema import HOOK_TIME_SCALAR
+from torchvitals.store.writer import RunWriter
 
 _ATTACHED = "_torchvitals_monitor"
 _SUMSQ = MOMENT_KEYS.index("sumsq")

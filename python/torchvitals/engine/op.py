@@ -15,9 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from torchvitals import _C, histogram
-from torchvitals.arguments import per_tensor
-from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
+from torchvitals import _C
+from torchvitals.engine import histogram
+from torchvitals.engine.arguments import per_tensor
+from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _NO_FEATURE = -1

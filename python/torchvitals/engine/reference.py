@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from torchvitals import histogram
-from torchvitals.arguments import per_tensor
+from torchvitals.engine import histogram
+from torchvitals.engine.arguments import per_tensor
 
 STAT_KEYS = (
     "numel",

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from torchvitals.monitor import Monitor
+from torchvitals.collect.monitor import Monitor
 
 __all__ = ["TorchvitalsCallback"]
 

@@ -30,7 +30,7 @@ except ImportError:  # the older package name
     from pytorch_lightning import LightningModule, Trainer
     from pytorch_lightning.callbacks import Callback
 
-from torchvitals.monitor import Monitor
+from torchvitals.collect.monitor import Monitor
 
 __all__ = ["TorchvitalsCallback"]
 

@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 from torchvitals.analysis import Event
 from torchvitals.analysis.events import CURVE_KINDS, SEVERITIES
 from torchvitals.analysis.runtables import series_from_run
-from torchvitals.histogram import hist_edges
-from torchvitals.run import Run
+from torchvitals.engine.histogram import hist_edges
+from torchvitals.store.reader import Run
 
 MAX_COLUMNS = 800  # steps per heatmap column budget: long runs are block-averaged
 MAX_HEATMAP_LAYERS = 60

@@ -1,4 +1,4 @@
-"""Exact merge of a run's ranks: the ``merge`` step of :func:`torchvitals.run.load_run`.
+"""Exact merge of a run's ranks: the ``merge`` step of :func:`torchvitals.store.reader.load_run`.
 
 Every rank writes its own rows; merging is done here, offline, with no communication
 during training. What is merged:
@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
-from torchvitals.schema import SCHEMAS, dictionary_codes, empty_table
+from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.store.schema import SCHEMAS, dictionary_codes, empty_table
 
 __all__ = [
     "MERGED_RANK",
@@ -317,7 +317,7 @@ def _global_grad_scalars(table: pa.Table, manifests: Mapping[int, dict]) -> pa.T
 def merge_ranks(
     name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]
 ) -> pa.Table:
-    """The exact merge (see the module docstring); a ``torchvitals.run.MergeFn``.
+    """The exact merge (see the module docstring); a ``torchvitals.store.reader.MergeFn``.
 
     Tables are stable-sorted by ``(step, rank)``, so a step's merged rows (rank -1)
     come first, then each rank's rows in the order it wrote them.

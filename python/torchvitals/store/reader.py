@@ -9,7 +9,7 @@ Loading is two steps so that an exact merge of per-rank shards can replace the
 default later: every table is first read *per rank* (``dict[rank, pa.Table]``,
 segments in order), then ``merge(table_name, per_rank, manifests)`` turns those
 into the one table exposed on the ``Run``. The default,
-:func:`torchvitals.merge.merge_ranks`, combines the shards of sharded parameters into
+:func:`torchvitals.store.merge.merge_ranks`, combines the shards of sharded parameters into
 one row per parameter (``rank = -1``) and keeps every other row per rank;
 :func:`concat_ranks` only concatenates the ranks, sorted stably by ``(step, rank)``.
 """
@@ -199,10 +199,10 @@ class Run:
 
 
 def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> Run:
-    """Load a run directory written by :class:`torchvitals.writer.RunWriter`.
+    """Load a run directory written by :class:`torchvitals.store.writer.RunWriter`.
 
     ``merge`` combines the per-rank tables of each table name (default
-    :func:`torchvitals.merge.merge_ranks`). Raises ``FileNotFoundError`` (no directory / no
+    :func:`torchvitals.store.merge.merge_ranks`). Raises ``FileNotFoundError`` (no directory / no
     manifest), ``ValueError`` (unreadable manifest) or ``SchemaVersionError``
     (a ``ValueError``: the run is newer than this reader). Truncated or corrupted
     segments are read up to their last complete record batch, recorded in

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from torchvitals.columns import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 
 __all__ = [
     "DICT_STRING",

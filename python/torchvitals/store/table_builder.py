@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from torchvitals.schema import DICT_STRING, REQUIRED, SCHEMAS
+from torchvitals.store.schema import DICT_STRING, REQUIRED, SCHEMAS
 
 Columns = Mapping[str, Any]
 

@@ -33,8 +33,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from .batches import Columns, TableBuilder, warm_up
 from .schema import DROPPED_SCALAR, SCHEMA_VERSION, SCHEMAS
+from .table_builder import Columns, TableBuilder, warm_up
 
 __all__ = ["RunWriter", "manifest_name", "segment_name", "write_json_atomic"]
 

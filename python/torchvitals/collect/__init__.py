@@ -1,0 +1,1 @@
+"""Collection during training: the Monitor and the parts it delegates to."""

@@ -1,0 +1,1 @@
+"""What users look at: the HTML report and the terminal summary."""

@@ -1,0 +1,2 @@
+"""Storage: the Arrow schema, the run-directory layout, the writer, the reader and the
+exact merge of ranks."""
