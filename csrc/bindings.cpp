@@ -2,6 +2,8 @@
 // so the module never links libtorch and survives torch upgrades.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "kernels.h"
 #include "stats.h"
 
@@ -28,6 +30,20 @@ StatsBuffers make_buffers(uintptr_t desc, uintptr_t saturation, int64_t num_tens
                       ptr<int64_t>(counts),
                       ptr<int64_t>(hist),
                       ptr<double>(partials)};
+}
+
+template <typename Bits, int (*bin_of)(Bits)>
+void bin_each(uintptr_t bits, int64_t n, uintptr_t bins) {
+  const Bits* in = ptr<const Bits>(bits);
+  int64_t* out = ptr<int64_t>(bins);
+  for (int64_t i = 0; i < n; ++i) out[i] = bin_of(in[i]);
+}
+
+template <size_t N>
+py::tuple names(const char* const (&of)[N]) {
+  py::tuple out(N);
+  for (size_t i = 0; i < N; ++i) out[i] = py::str(of[i]);
+  return out;
 }
 
 }  // namespace
@@ -67,9 +83,18 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
 #endif
 
-  m.attr("DESC_COLS") = static_cast<int>(torchvitals::kDescCols);
-  m.attr("MOMENT_COLS") = static_cast<int>(torchvitals::kMomentCols);
-  m.attr("COUNT_COLS") = static_cast<int>(torchvitals::kCountCols);
+  // The histogram binning rule itself, compiled for the host (the CUDA kernel calls the same
+  // function): the exhaustive binning test compares it with the CPU kernel and the reference.
+  m.def("hist_bins_f32", &bin_each<uint32_t, torchvitals::hist_bin_f32>,
+        "bins[i] = the histogram bin of fp32 bit pattern bits[i] (raw addresses, n elements)");
+  m.def("hist_bins_f64", &bin_each<uint64_t, torchvitals::hist_bin_f64>,
+        "bins[i] = the histogram bin of fp64 bit pattern bits[i] (raw addresses, n elements)");
+
+  // The layout contract of stats.h, by name (python/torchvitals/engine/contract.py reads it).
+  m.attr("DTYPES") = names(torchvitals::kDTypeNames);
+  m.attr("DESC_COLUMNS") = names(torchvitals::kDescNames);
+  m.attr("MOMENT_COLUMNS") = names(torchvitals::kMomentNames);
+  m.attr("COUNT_COLUMNS") = names(torchvitals::kCountNames);
   m.attr("HIST_BINS") = torchvitals::kHistBins;
   m.attr("HIST_MIN_EXP") = torchvitals::kHistMinExp;
   m.attr("HIST_MAX_EXP") = torchvitals::kHistMaxExp;

@@ -1,9 +1,11 @@
-// Shared contract between the Python ops layer, the CPU kernel and the CUDA kernel.
+// The one contract between Python (python/torchvitals/engine/), the CPU kernel and the CUDA
+// kernel.
 //
-// The extension never links libtorch: Python hands over raw pointers plus a small
-// int64 descriptor table, and torch owns every buffer. Everything the kernels
-// must agree on (descriptor columns, output columns, histogram layout, the
-// per-element binning rule) lives here so the two backends cannot drift apart.
+// The extension never links libtorch: Python hands over raw pointers plus a small int64
+// descriptor table, and torch owns every buffer. Everything the two sides must agree on is
+// written here once: dtype codes, descriptor and output columns (with the names the bindings
+// export to Python), the histogram layout, the per-element binning rule and the rule that
+// turns a tensor's totals into its counts.
 #pragma once
 
 #include <cstdint>
@@ -17,16 +19,19 @@
 
 namespace torchvitals {
 
-// Input dtypes, as encoded by python/torchvitals/ops.py.
-enum DType : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// Input dtypes.
+enum DType : int64_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kDTypes = 4 };
 
-// Columns of the int64 descriptor table [T, kDescCols].
+// Columns of the int64 descriptor table [T, kDescCols]. Tensors are dense in any layout
+// (contiguous, channels-last, transposed): the kernels read their numel elements in memory
+// order, and units are found from the feature dim's stride, not from the shape.
 enum DescCol : int {
-  kDescData = 0,        // data pointer (contiguous)
-  kDescNumel = 1,       // element count
-  kDescDType = 2,       // DType
-  kDescInner = 3,       // product of dims after the feature dim (1 for last-dim features)
-  kDescUnits = 4,       // size of the feature dim, 0 when there is none
+  kDescData = 0,   // address of the element at the lowest address
+  kDescNumel = 1,  // element count
+  kDescDType = 2,  // DType
+  kDescInner = 3,  // stride of the feature dim: the element at memory offset i belongs to unit
+                   // (i / inner) % units (1 for a contiguous [..., F] tensor)
+  kDescUnits = 4,  // size of the feature dim, 0 when there is none
   kDescFlagOffset = 5,  // first slot of this tensor's units in the unit-flag buffers
   kDescChunkBegin = 6,  // first work chunk of this tensor (prefix sum of chunk counts)
   kDescCols = 7,
@@ -47,6 +52,15 @@ enum CountCol : int {
   kSaturatedUnits = 7,
   kCountCols = 8,
 };
+
+// Names of the dtypes and columns above, in their order; the bindings export them and Python
+// reads them (engine/contract.py), so neither side retypes the other's layout.
+inline constexpr const char* kDTypeNames[kDTypes] = {"float32", "float16", "bfloat16", "float64"};
+inline constexpr const char* kDescNames[kDescCols] = {
+    "data", "numel", "dtype", "inner", "units", "flag_offset", "chunk_begin"};
+inline constexpr const char* kMomentNames[kMomentCols] = {"sum", "sumsq", "max_abs"};
+inline constexpr const char* kCountNames[kCountCols] = {
+    "numel", "nan", "inf", "zeros", "saturated", "units", "dead_units", "saturated_units"};
 
 // Histogram of log2|x|: bin 0 exact zeros, bin 1 below the window, one bin per
 // power of two 2^k <= |x| < 2^(k+1) for k in [kHistMinExp, kHistMaxExp], then
@@ -70,12 +84,22 @@ TV_HD int hist_bin_for_exponent(int k) {
   return kHistFirstExp + (k - kHistMinExp);
 }
 
-// Bin of an fp32 value from its bits: fp16 and bf16 widen to fp32 exactly.
+static_assert(kHistMinExp > -127 && kHistMaxExp < 128,
+              "hist_bin_f32 assumes the window lies inside fp32's normal exponents");
+
+// Bin of an fp32 value from its bits (fp16 and bf16 widen to fp32 exactly), without branches:
+// clamp the exponent into the window, then patch zeros and non-finite values. Exponent field 0
+// (zero, subnormal) lands below the window like normals under 2^kHistMinExp. The CUDA kernel
+// bins with it; the CPU kernel counts exponent fields and maps them with
+// hist_bin_for_exponent. tests/engine/test_binning.py checks both against the float64
+// reference on every exponent.
 TV_HD int hist_bin_f32(uint32_t bits) {
   const int e = static_cast<int>((bits >> 23) & 0xffu);
-  if (e == 0xff) return kHistNonFinite;
-  if (e == 0) return (bits & 0x7fffffu) ? kHistBelow : kHistZero;  // subnormals are < 2^-126
-  return hist_bin_for_exponent(e - 127);
+  const int k = e - 127 - kHistMinExp + kHistFirstExp;
+  int bin = k < kHistBelow ? kHistBelow : (k > kHistAbove ? kHistAbove : k);
+  if ((bits << 1) == 0) bin = kHistZero;
+  if (e == 0xff) bin = kHistNonFinite;
+  return bin;
 }
 
 TV_HD int hist_bin_f64(uint64_t bits) {
@@ -83,6 +107,24 @@ TV_HD int hist_bin_f64(uint64_t bits) {
   if (e == 0x7ff) return kHistNonFinite;
   if (e == 0) return (bits & 0xfffffffffffffull) ? kHistBelow : kHistZero;
   return hist_bin_for_exponent(e - 1023);
+}
+
+// A tensor's counts once its chunks are combined, the same on every backend. The inputs are
+// totals over the tensor: its histogram, NaN and saturated element counts, and the units whose
+// flags stayed unset (never positive; never unsaturated).
+TV_HD void finalize_counts(int64_t numel, int64_t units, double saturation, const int64_t* hist,
+                           int64_t nan, int64_t saturated, int64_t never_positive,
+                           int64_t never_unsaturated, int64_t* counts) {
+  counts[kNumel] = numel;
+  counts[kNan] = nan;
+  counts[kInf] = hist[kHistNonFinite] - nan;
+  counts[kZeros] = hist[kHistZero];
+  counts[kSaturated] = saturated;
+  counts[kUnits] = units;
+  counts[kDeadUnits] = units > 0 ? never_positive : 0;
+  // An empty tensor has no saturated units; a NaN threshold switches the test off.
+  const bool thresholded = numel > 0 && saturation == saturation;
+  counts[kSaturatedUnits] = units > 0 && thresholded ? never_unsaturated : 0;
 }
 
 TV_HD float bf16_to_f32(uint16_t h) {

@@ -83,28 +83,23 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
     int64_t* cnt = buf.counts + t * kCountCols;
     int64_t* h = buf.hist + t * kHistBins;
     m[kSum] = m[kSumSq] = m[kMaxAbs] = 0.0;
-    std::fill(cnt, cnt + kCountCols, 0);
     std::fill(h, h + kHistBins, 0);
+    int64_t nan = 0, saturated = 0;
     for (; ci < chunks.size() && chunks[ci].tensor == t; ++ci) {
       const ChunkResult& r = results[ci];
       m[kSum] += r.sum;
       m[kSumSq] += r.sumsq;
       m[kMaxAbs] = std::max(m[kMaxAbs], r.max_abs);
-      cnt[kNan] += r.nan;
-      cnt[kInf] += r.inf;
-      cnt[kSaturated] += r.saturated;
+      nan += r.nan;
+      saturated += r.saturated;
       for (int b = 0; b < kHistBins; ++b) h[b] += r.hist[b];
     }
-    cnt[kNumel] = d[kDescNumel];
-    cnt[kZeros] = h[kHistZero];
     const int64_t units = d[kDescUnits];
-    cnt[kUnits] = units;
-    if (units > 0) {
-      const int64_t off = d[kDescFlagOffset];
-      cnt[kDeadUnits] = count_zero_flags(buf.unit_positive + off, units);
-      const bool thresholded = !std::isnan(buf.saturation[t]) && d[kDescNumel] > 0;
-      cnt[kSaturatedUnits] = thresholded ? count_zero_flags(buf.unit_unsaturated + off, units) : 0;
-    }
+    const int64_t off = d[kDescFlagOffset];
+    const int64_t never_positive = count_zero_flags(buf.unit_positive + off, units);
+    const int64_t never_unsaturated = count_zero_flags(buf.unit_unsaturated + off, units);
+    finalize_counts(d[kDescNumel], units, buf.saturation[t], h, nan, saturated, never_positive,
+                    never_unsaturated, cnt);
   }
 }
 

@@ -22,7 +22,6 @@ struct ChunkResult {
   double sumsq = 0.0;
   double max_abs = 0.0;
   int64_t nan = 0;
-  int64_t inf = 0;
   int64_t saturated = 0;
   int64_t hist[kHistBins] = {};
 };

@@ -268,7 +268,8 @@ void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits top, uint32_t* ke
   // counters (which one more vector could overflow) are flushed into byte counters.
   constexpr int kGroupVectors = 15;
   constexpr int64_t kGroup = kGroupVectors * W;
-  constexpr int kByteFlushEvery = 255 / kGroupVectors;  // groups before a byte counter can
+  // Groups flushed into the byte counters before one of them could pass 255.
+  constexpr int kByteFlushEvery = 255 / kGroupVectors;
   // Bytes are flushed into 16-bit fields: one count per vector, at most this many.
   static_assert(kChunkElems / W < (1 << 16), "16-bit fields would overflow");
   const Bits nibbles = static_cast<Bits>(0x0f0f0f0f0f0f0f0full);
@@ -437,7 +438,6 @@ void reduce_typed_chunk(const T* x, const int64_t* d, double saturation, const C
   for (Bits e = 1; e < L::kKeyMask; ++e)
     r.hist[hist_bin_for_exponent(static_cast<int>(e) - kBias)] += keys[e];
   r.hist[kHistNonFinite] = keys[L::kKeyMask];
-  r.inf = keys[L::kKeyMask] - r.nan;
 }
 
 // fp16 and bf16 chunks are widened (exactly) into a float buffer first.

@@ -24,22 +24,7 @@ constexpr int kVecBytes = 16;
 
 static_assert(kChunkElems % 8 == 0, "a 16-byte aligned tensor must give 16-byte aligned chunks");
 static_assert(kChunkElems <= std::numeric_limits<int>::max(), "chunk-relative indices are int");
-static_assert(kHistMinExp > -127 && kHistMaxExp < 128,
-              "bin_of_f32 assumes the histogram window lies inside fp32's normal exponents");
-
-// hist_bin_f32 without branches: clamp the exponent into the window, then patch zeros and
-// non-finite values. Exponent field 0 (zero, subnormal) lands below the window like normals
-// under 2^kHistMinExp. Host-callable so it can be checked against hist_bin_f32 exhaustively.
-TV_HD int bin_of_f32(uint32_t bits) {
-  const int e = static_cast<int>((bits >> 23) & 0xffu);
-  const int k = e - 127 - kHistMinExp + kHistFirstExp;
-  int bin = k < kHistBelow ? kHistBelow : (k > kHistAbove ? kHistAbove : k);
-  if ((bits << 1) == 0) bin = kHistZero;
-  if (e == 0xff) bin = kHistNonFinite;
-  return bin;
-}
-
-__device__ __forceinline__ int bin_of(float x) { return bin_of_f32(__float_as_uint(x)); }
+__device__ __forceinline__ int bin_of(float x) { return hist_bin_f32(__float_as_uint(x)); }
 __device__ __forceinline__ int bin_of(double x) { return hist_bin_f64(f64_bits(x)); }
 
 // Input dtypes: storage type and the type elements are widened to (exactly, as on the CPU).
@@ -388,16 +373,9 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const StatsBuffers b
   moments[kSum] = total.sum;
   moments[kSumSq] = total.sumsq;
   moments[kMaxAbs] = total.max_abs;
-  const int64_t numel = d[kDescNumel];
-  const int64_t* hist = buf.hist + t * kHistBins;
-  int64_t* counts = buf.counts + t * kCountCols;
-  counts[kNumel] = numel;
-  counts[kInf] = hist[kHistNonFinite] - counts[kNan];
-  counts[kZeros] = hist[kHistZero];
-  counts[kUnits] = units;
-  counts[kDeadUnits] = total.tally[0];
-  // An empty tensor has no saturated units; a NaN threshold switches the test off.
-  counts[kSaturatedUnits] = numel > 0 && !isnan(buf.saturation[t]) ? total.tally[1] : 0;
+  int64_t* counts = buf.counts + t * kCountCols;  // NaN and saturated elements added up here
+  finalize_counts(d[kDescNumel], units, buf.saturation[t], buf.hist + t * kHistBins, counts[kNan],
+                  counts[kSaturated], total.tally[0], total.tally[1], counts);
 }
 
 }  // namespace

@@ -30,24 +30,23 @@ STAT_KEYS = (
 )
 
 
-def _hist_row(x: torch.Tensor) -> torch.Tensor:
-    """log2 histogram of one tensor; ``x`` is float64 (every input dtype widens exactly)."""
-    a = x.abs()
-    row = torch.zeros(histogram.NUM_BINS, dtype=torch.int64)
-    finite = torch.isfinite(a)
-    row[histogram.NONFINITE_BIN] = int((~finite).sum())
-    a = a[finite]
-    row[histogram.ZERO_BIN] = int((a == 0).sum())
-    a = a[a > 0]
+def hist_bins(x: torch.Tensor) -> torch.Tensor:
+    """The histogram bin of every element of ``x`` (int64, same shape); the definition
+    of the binning that both kernels implement."""
+    a = x.detach().to("cpu", torch.float64).abs()
     # frexp gives a = m * 2**e with m in [0.5, 1): floor(log2 a) = e - 1, exact for subnormals.
     k = torch.frexp(a).exponent.to(torch.int64) - 1
-    row[histogram.BELOW_BIN] = int((k < histogram.MIN_EXP).sum())
-    row[histogram.ABOVE_BIN] = int((k > histogram.MAX_EXP).sum())
-    inside = k[(k >= histogram.MIN_EXP) & (k <= histogram.MAX_EXP)] - histogram.MIN_EXP
-    row[histogram.FIRST_EXP_BIN : histogram.ABOVE_BIN] = torch.bincount(
-        inside, minlength=histogram.MAX_EXP - histogram.MIN_EXP + 1
+    bins = (k - histogram.MIN_EXP + histogram.FIRST_EXP_BIN).clamp(
+        histogram.BELOW_BIN, histogram.ABOVE_BIN
     )
-    return row
+    bins[a == 0] = histogram.ZERO_BIN
+    bins[~torch.isfinite(a)] = histogram.NONFINITE_BIN
+    return bins
+
+
+def _hist_row(x: torch.Tensor) -> torch.Tensor:
+    """log2 histogram of one tensor."""
+    return torch.bincount(hist_bins(x).reshape(-1), minlength=histogram.NUM_BINS)
 
 
 def _unit_counts(x: torch.Tensor, feature_dim: int, threshold: float) -> tuple[int, int, int]:
