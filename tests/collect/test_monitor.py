@@ -312,7 +312,7 @@ def test_telemetry_failure_never_breaks_training(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("engine exploded")
 
-    monkeypatch.setattr("torchvitals.collect.monitor.fused_stats", broken)
+    monkeypatch.setattr("torchvitals.collect.reductions.fused_stats", broken)
     with pytest.warns(RuntimeWarning, match="engine exploded"):
         loss = train(model, opt, mon, steps=3)
     assert torch.isfinite(loss) and mon.errors >= 3

@@ -25,6 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from torchvitals.engine.derived import gradient_totals, norm
+
 GradsOn = Literal["auto", "rank0", "all"]
 
 #: Names of the scalars the live mode writes.
@@ -176,7 +178,21 @@ class LiveReducer:
         self._pending: tuple[int, torch.Tensor, Any] | None = None
         self.latest: tuple[int, torch.Tensor] | None = None  #: what finish() last returned
 
-    def start(self, step: int, vector: torch.Tensor) -> None:
+    def start(self, step: int, loss: Any, grads: Iterable[Any], device: torch.device) -> None:
+        """Starts the reduction of this rank's part of ``step``: its loss (a tensor, a
+        number or None) and its gradient reductions' totals."""
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        if isinstance(loss, torch.Tensor):
+            loss_value = loss.detach().reshape(()).to(device, torch.float64)
+        else:
+            loss_value = zero if loss is None else torch.full_like(zero, float(loss))
+        sumsq, nonfinite = zero, zero
+        for r in grads:
+            r_sumsq, r_nonfinite = gradient_totals(r.moments, r.counts)
+            sumsq = sumsq + r_sumsq.to(device)
+            nonfinite = nonfinite + r_nonfinite.to(device, torch.float64)
+        has_loss = torch.full_like(zero, float(loss is not None))
+        vector = torch.stack([loss_value, has_loss, sumsq, nonfinite])
         work = torch.distributed.all_reduce(vector, group=self.group, async_op=True)
         self._pending = (step, vector, work)
 
@@ -189,5 +205,5 @@ class LiveReducer:
         self._pending = None
         work.wait()
         loss = vector[0] / vector[1]  # NaN when no rank gave a loss
-        self.latest = (step, torch.stack([loss, vector[2].sqrt(), vector[3]]))
+        self.latest = (step, torch.stack([loss, norm(vector[2]), vector[3]]))
         return self.latest

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 
-class HostSnapshot:
+class HostCopy:
     """Copies device tensors into pinned host memory with non-blocking copies on each
     device's current stream and records an event per device; only the writer thread
     ever waits on them."""
@@ -27,9 +27,13 @@ class HostSnapshot:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             self._events.append(event)
+        self._arrays: dict[str, np.ndarray] | None = None
 
     def wait(self) -> dict[str, np.ndarray]:
-        """Blocks until the copies landed (call it off the training thread)."""
-        for event in self._events:
-            event.synchronize()
-        return {key: t.numpy() for key, t in self._host.items()}
+        """Blocks until the copies landed (call it off the training thread); the arrays
+        by key, the same on every call."""
+        if self._arrays is None:
+            for event in self._events:
+                event.synchronize()
+            self._arrays = {key: t.numpy() for key, t in self._host.items()}
+        return self._arrays

@@ -1,0 +1,129 @@
+"""Activation capture: forward hooks stash the hooked modules' activations and the root
+module's forward hook reduces them in one engine call; backward hooks stash activation
+gradients, reduced with the step's gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchvitals.collect.reductions import StepReductions
+from torchvitals.collect.selection import HookSpec, feature_dim
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+class ActivationCapture:
+    """What the hooks of one model collect between two ``Monitor.step()`` calls."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        reductions: StepReductions,
+        *,
+        act_every: int,
+        grad_every: int,
+        warn_once: Callable[[str, str], None],
+    ) -> None:
+        self._model = model
+        self._reductions = reductions
+        self._act_every = act_every
+        self._grad_every = grad_every
+        self._warn_once = warn_once
+        self.step = 0  # the Monitor's step count
+        self._stash: list[tuple[HookSpec, torch.Tensor, int | None]] = []
+        self._reduce_in_hook: set[str] = set()  # modules whose output is changed in place
+        self._grad_stash: dict[str, torch.Tensor] = {}  # by module, in backward order
+        self._recording = False
+        self._done = False
+
+    def begin_forward(self) -> None:
+        if not self._recording:  # else nested in an explicit begin_forward()
+            self._stash.clear()
+        self._recording = (
+            self._model.training
+            and not self._done
+            and self.step % self._act_every == 0
+            and torch.is_grad_enabled()
+        )
+
+    def activation_hook(self, spec: HookSpec) -> Callable:
+        def on_forward(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._recording:
+                return
+            x = first_tensor(args if spec.of_input else output)
+            if x is None or not x.is_floating_point() or x.layout != torch.strided:
+                return
+            if spec.name in self._reduce_in_hook:  # its output is overwritten later
+                dim = feature_dim(spec, x.dim(), None)
+                self._reductions.reduce("act", [spec.name], [x], [dim], [spec.saturation],
+                                        [not spec.counts_dead])  # fmt: skip
+            else:
+                # An in-place op later bumps the version. (Compiled graphs functionalize
+                # in-place ops; their versions mean nothing.)
+                version = None if torch.compiler.is_compiling() else x._version
+                self._stash.append((spec, x, version))
+
+        on_forward.__name__ = "activation hook"
+        return on_forward
+
+    def gradient_hook(self, name: str) -> Callable:
+        def on_backward(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
+            g = first_tensor(grad_output)
+            # Under gradient accumulation only the step's first backward is kept.
+            seen = name in self._grad_stash
+            if g is not None and not seen and self.step % self._grad_every == 0:
+                self._grad_stash[name] = g.detach()
+
+        on_backward.__name__ = "activation-gradient hook"
+        return on_backward
+
+    def end_forward(self) -> None:
+        if not self._recording:
+            return
+        self._recording = False
+        self._done = True
+        stashed, self._stash = self._stash, []
+        names, tensors, dims, thresholds, dead_undefined = [], [], [], [], []
+        previous = None
+        for spec, x, version in stashed:
+            if version is not None and x._version != version:
+                # An in-place op (ReLU(inplace=True), `out += identity`) overwrote this
+                # output after its hook: measure it in the hook from now on, drop it now.
+                self._reduce_in_hook.add(spec.name)
+                self._warn_once(
+                    f"inplace:{spec.name}",
+                    f"torchvitals: the output of {spec.name!r} is modified in place later in "
+                    "the forward; from the next step on it is measured in its own hook",
+                )
+                continue
+            dim = feature_dim(spec, x.dim(), previous)
+            if dim is not None and not spec.of_input:
+                previous = (x.dim(), dim)
+            names.append(spec.name)
+            tensors.append(x)
+            dims.append(dim)
+            thresholds.append(spec.saturation)
+            dead_undefined.append(not spec.counts_dead)
+        self._reductions.reduce("act", names, tensors, dims, thresholds, dead_undefined)
+
+    def reduce_gradients(self) -> None:
+        """Reduces the activation gradients stashed since the last call."""
+        if self._grad_stash:
+            stashed, self._grad_stash = self._grad_stash, {}
+            self._reductions.reduce("act_grad", list(stashed), list(stashed.values()))
+
+    def next_step(self, step: int) -> None:
+        self.step = step
+        self._done = self._recording = False
+        self._stash.clear()
+        self._grad_stash.clear()

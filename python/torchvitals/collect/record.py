@@ -1,0 +1,116 @@
+"""A step's telemetry as plain data, and the table columns the writer thread makes of it.
+
+The training thread builds a :class:`StepRecord` at ``Monitor.step()`` (names, host
+scalars, and one non-blocking device-to-host copy of the engine's outputs) and hands
+its column methods to the writer; they run on the writer thread, where waiting for the
+copy costs the training loop nothing. A record holds no reference to the Monitor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from torchvitals.collect.distributed import LIVE_SCALARS
+from torchvitals.collect.host_copy import HostCopy
+from torchvitals.collect.reductions import Reduction
+from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.engine.derived import gradient_totals, norm
+
+_DEAD = COUNT_KEYS.index("dead_units")
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    host_scalars: dict[str, float]
+    device_scalars: list[str]  # names of the values in the copy's "scalars"
+    kinds: list[str]  # per reduction
+    names: list[list[str]]  # per reduction, its rows
+    dead_undefined: np.ndarray  # per row: dead_units is not a dead-unit count
+    copy: HostCopy
+
+    @classmethod
+    def start(
+        cls,
+        step: int,
+        reductions: list[Reduction],
+        host_scalars: dict[str, float],
+        device_scalars: dict[str, torch.Tensor],
+        histograms: bool,
+    ) -> StepRecord:
+        """Starts the copy of ``reductions`` and ``device_scalars`` to the host."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, r in enumerate(reductions):
+            tensors[f"{i}.moments"], tensors[f"{i}.counts"] = r.moments, r.counts
+            if histograms:
+                tensors[f"{i}.hist"] = r.hist
+        if device_scalars:
+            tensors["scalars"] = torch.stack(list(device_scalars.values()))
+        return cls(
+            step=step,
+            host_scalars=dict(host_scalars),
+            device_scalars=list(device_scalars),
+            kinds=[r.kind for r in reductions],
+            names=[r.names for r in reductions],
+            dead_undefined=np.array([u for r in reductions for u in r.dead_undefined], dtype=bool),
+            copy=HostCopy(tensors),
+        )
+
+    @property
+    def has_layers(self) -> bool:
+        return bool(self.kinds)
+
+    def _rows(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "layer": [n for names in self.names for n in names],
+            "kind": [
+                kind for kind, names in zip(self.kinds, self.names, strict=True) for _ in names
+            ],
+        }
+
+    def _stacked(self, part: str) -> np.ndarray:
+        a = self.copy.wait()
+        return np.concatenate([a[f"{i}.{part}"] for i in range(len(self.kinds))])
+
+    def scalar_columns(self) -> dict[str, Any]:
+        """``scalars`` rows: host and device scalars, and the global gradient norm and
+        non-finite count over every gradient this rank recorded."""
+        a = self.copy.wait()
+        values = dict(self.host_scalars)
+        if self.device_scalars:
+            values.update(zip(self.device_scalars, a["scalars"].tolist(), strict=True))
+        grads = [i for i, kind in enumerate(self.kinds) if kind == "grad"]
+        if grads:
+            totals = [gradient_totals(a[f"{i}.moments"], a[f"{i}.counts"]) for i in grads]
+            values["grad_norm"] = norm(sum(float(sumsq) for sumsq, _ in totals))
+            values["grad_nonfinite"] = float(sum(int(nonfinite) for _, nonfinite in totals))
+        return {"step": self.step, "name": list(values), "value": list(values.values())}
+
+    def layer_columns(self) -> dict[str, Any]:
+        """``layers`` rows: one per recorded tensor."""
+        moments, counts = self._stacked("moments"), self._stacked("counts")
+        counts[self.dead_undefined, _DEAD] = 0
+        cols = self._rows()
+        cols.update({k: counts[:, j] for j, k in enumerate(COUNT_KEYS)})
+        cols.update({k: moments[:, j] for j, k in enumerate(MOMENT_KEYS)})
+        return cols
+
+    def hist_columns(self) -> dict[str, Any]:
+        """``hist`` rows: one per recorded tensor."""
+        return {**self._rows(), "counts": self._stacked("hist")}
+
+
+@dataclass(frozen=True)
+class LiveRecord:
+    """The live mode's global scalars of one step (``LIVE_SCALARS``), on their way to the host."""
+
+    step: int
+    copy: HostCopy
+
+    def scalar_columns(self) -> dict[str, Any]:
+        return {"step": self.step, "name": list(LIVE_SCALARS), "value": self.copy.wait()["live"]}

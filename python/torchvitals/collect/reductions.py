@@ -1,0 +1,79 @@
+"""Engine calls of the current step: one fused call per device for each group of
+same-kind tensors, kept until the step's record is assembled."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from torchvitals.engine.op import fused_stats
+
+
+@dataclass
+class Reduction:
+    """One engine call's results (on the tensors' device) for a group of same-kind tensors."""
+
+    kind: str
+    names: list[str]
+    moments: torch.Tensor
+    counts: torch.Tensor
+    hist: torch.Tensor
+    # Rows whose "never positive" count is no dead-unit count (see HookSpec.counts_dead).
+    dead_undefined: list[bool] = field(default_factory=list)
+
+
+class StepReductions:
+    """The reductions of the current step, and those captured in a CUDA graph: hooks run
+    once, at capture, and every replay rewrites their outputs, so they belong to every
+    step that follows."""
+
+    def __init__(self) -> None:
+        self._pending: list[Reduction] = []
+        self._captured: list[Reduction] = []
+
+    def reduce(
+        self,
+        kind: str,
+        names: Sequence[str],
+        tensors: Sequence[torch.Tensor],
+        dims: Sequence[int | None] | None = None,
+        thresholds: Sequence[float | None] | None = None,
+        dead_undefined: Sequence[bool] | None = None,
+    ) -> None:
+        """One fused engine call per device (parameters may live on several)."""
+        dims = dims or [None] * len(tensors)
+        thresholds = thresholds or [None] * len(tensors)
+        dead_undefined = dead_undefined or [False] * len(tensors)
+        by_device: dict[int, list[int]] = {}  # by get_device(): -1 is the CPU
+        for i, t in enumerate(tensors):
+            by_device.setdefault(t.get_device(), []).append(i)
+        for idx in by_device.values():
+            moments, counts, hist = fused_stats(
+                [tensors[i] for i in idx],
+                feature_dim=[dims[i] for i in idx],
+                saturation=[thresholds[i] for i in idx],
+            )
+            reduction = Reduction(
+                kind,
+                [names[i] for i in idx],
+                moments,
+                counts,
+                hist,
+                [dead_undefined[i] for i in idx],
+            )
+            self._pending.append(reduction)
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                self._captured.append(reduction)
+
+    def take(self) -> list[Reduction]:
+        """This step's reductions, then the captured ones not among them; starts a new step."""
+        pending = {id(r) for r in self._pending}
+        captured = [r for r in self._captured if id(r) not in pending]
+        taken, self._pending = self._pending + captured, []
+        return taken
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self._captured.clear()

@@ -1,0 +1,176 @@
+"""The Monitor's parts, each tested alone: engine calls of a step, activation capture,
+parameter reading, scalars, the step record and the manifest."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from torchvitals.collect.activations import ActivationCapture
+from torchvitals.collect.distributed import ParamPolicy
+from torchvitals.collect.manifest import build_manifest
+from torchvitals.collect.monitor import MonitorConfig
+from torchvitals.collect.parameters import ParameterReader
+from torchvitals.collect.record import StepRecord
+from torchvitals.collect.reductions import StepReductions
+from torchvitals.collect.scalars import ScalarReader
+from torchvitals.collect.selection import select_modules
+from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.engine.reference import tensor_stats_reference
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_step_reductions_group_by_kind_and_start_a_new_step_when_taken():
+    reductions = StepReductions()
+    a, b = torch.randn(5), torch.randn(3, 2)
+    reductions.reduce("grad", ["a", "b"], [a, b])
+    reductions.reduce("weight", ["a"], [a])
+    taken = reductions.take()
+    assert [(r.kind, r.names) for r in taken] == [("grad", ["a", "b"]), ("weight", ["a"])]
+    ref = tensor_stats_reference([a, b])
+    sumsq = MOMENT_KEYS.index("sumsq")
+    torch.testing.assert_close(taken[0].moments[:, sumsq], ref["sumsq"])
+    assert reductions.take() == []
+
+
+def test_activation_capture_reduces_the_forward_in_one_call_and_skips_eval():
+    model = mlp()
+    reductions = StepReductions()
+    capture = ActivationCapture(
+        model, reductions, act_every=1, grad_every=1, warn_once=lambda *a: None
+    )
+    hooked = select_modules(model)
+    for module, spec in hooked:
+        module.register_forward_hook(capture.activation_hook(spec))
+    x = torch.randn(16, 4)
+    capture.begin_forward()
+    out = model(x)
+    capture.end_forward()
+    (acts,) = reductions.take()
+    assert acts.kind == "act" and acts.names == ["0", "1", "2"]
+    relu = torch.relu(model[0](x))
+    dead = COUNT_KEYS.index("dead_units")
+    assert int(acts.counts[1, dead]) == int((~(relu > 0).any(0)).sum())
+    assert acts.dead_undefined == [True, False, True]  # only the ReLU counts dead units
+    assert out.shape == (16, 2)
+
+    model.eval()
+    capture.next_step(1)
+    capture.begin_forward()
+    model(x)
+    capture.end_forward()
+    assert reductions.take() == []  # nothing recorded outside training
+
+
+def test_activation_capture_measures_in_place_overwritten_outputs_in_their_hook():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            y += 1  # overwrites the Linear's output after its hook ran
+            return y
+
+    model = InPlace()
+    reductions, warned = StepReductions(), []
+    capture = ActivationCapture(
+        model, reductions, act_every=1, grad_every=1, warn_once=lambda k, m: warned.append(k)
+    )
+    for module, spec in select_modules(model):
+        module.register_forward_hook(capture.activation_hook(spec))
+    x = torch.randn(2, 4)
+    for step in range(2):
+        capture.begin_forward()
+        model(x)
+        capture.end_forward()
+        taken = reductions.take()
+        capture.next_step(step + 1)
+        if step == 0:
+            assert taken == [] and warned == ["inplace:fc"]
+        else:
+            (acts,) = taken
+            assert acts.names == ["fc"]
+            # measured in the hook, before the in-place add
+            sum_ = MOMENT_KEYS.index("sum")
+            expected = float(model.fc(x).sum())
+            assert float(acts.moments[0, sum_]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_parameter_reader_reads_each_gradient_once_per_step_across_optimizers():
+    model = mlp()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    both = torch.optim.SGD(model.parameters(), lr=0.1)
+    reductions = StepReductions()
+    reader = ParameterReader(model, [first, both], ParamPolicy(model, 0, "all", False), reductions)
+    model(torch.randn(3, 4)).sum().backward()
+    reader.read_gradients(first)
+    reader.read_gradients(both)
+    names = [n for r in reductions.take() for n in r.names]
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    reader.next_step()
+    reader.read_weights()
+    (weights,) = reductions.take()
+    assert weights.kind == "weight" and len(weights.names) == 4
+
+
+def test_scalar_reader_keeps_the_lr_of_the_optimizer_step_and_splits_host_and_device():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    reader = ScalarReader([opt], None)
+    reader.on_optimizer_step(opt)
+    opt.param_groups[0]["lr"] = 0.05  # a scheduler after the step
+    host, device = reader.read(torch.tensor(2.0), {"acc": 0.75})
+    assert host == {"loss": 2.0, "acc": 0.75, "lr/group0": 0.5} and device == {}
+    reader.next_step()
+    assert reader.read(None, {})[0] == {"lr/group0": 0.05}
+    with pytest.raises(ValueError, match="'bad' has 2 elements"):
+        reader.read(None, {"bad": torch.zeros(2)})
+
+
+def test_step_record_columns_from_plain_data():
+    reductions = StepReductions()
+    g1, g2 = torch.tensor([3.0, 4.0]), torch.tensor([float("nan"), 12.0])
+    reductions.reduce("grad", ["a", "b"], [g1, g2])
+    reductions.reduce("act", ["r"], [torch.zeros(2, 3)], [1], [None], [True])
+    record = StepRecord.start(7, reductions.take(), {"loss": 1.5}, {}, histograms=True)
+    scalars = record.scalar_columns()
+    values = dict(zip(scalars["name"], scalars["value"], strict=True))
+    assert scalars["step"] == 7 and values["loss"] == 1.5
+    assert values["grad_norm"] == pytest.approx(math.sqrt(9 + 16 + 144))
+    assert values["grad_nonfinite"] == 1.0
+    layers = record.layer_columns()
+    assert layers["layer"] == ["a", "b", "r"] and layers["kind"] == ["grad", "grad", "act"]
+    np.testing.assert_array_equal(layers["dead_units"], [0, 0, 0])  # undefined on "r"
+    np.testing.assert_array_equal(layers["units"], [0, 0, 3])
+    hist = record.hist_columns()
+    assert hist["counts"].shape[0] == 3 and hist["counts"].sum() == 2 + 2 + 6
+
+
+def test_manifest_lists_layers_and_what_is_recorded_of_them():
+    model = mlp()
+    hooked = [spec for _, spec in select_modules(model)]
+    manifest = build_manifest(
+        model,
+        hooked,
+        MonitorConfig(),
+        policy=ParamPolicy(model, 0, "all", False),
+        rank=0,
+        world_size=1,
+        ddp=None,
+        live=False,
+    )
+    layers = {entry["name"]: entry for entry in manifest["layers"]}
+    assert layers["0"]["hooked"] == ["act", "grad", "weight"]
+    assert layers["1"]["hooked"] == ["act"] and layers["1"]["param_shapes"] == {}
+    assert manifest["config"]["grad_every"] == 1 and manifest["world_size"] == 1
+    assert len(manifest["hist_edges"]["labels"]) > 0
