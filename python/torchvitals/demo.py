@@ -25,8 +25,8 @@ CLASSES = 10
 LABEL_NOISE = 0.05
 
 
-def batches(seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless fresh batches labelled by a random linear teacher, with label noise."""
+def minibatches(seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless fresh minibatches labelled by a random linear teacher, with label noise."""
     gen = torch.Generator().manual_seed(seed)
     teacher = torch.randn(FEATURES, CLASSES, generator=gen)
     while True:
@@ -65,7 +65,7 @@ def train(
     model = make_model(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [steps * 3 // 4], gamma=0.1)
-    data = batches(seed)
+    data = minibatches(seed)
     with Monitor(model, out, optimizer=opt, weight_every=10, on_full="block") as mon:
         for step in range(steps):
             x, y = next(data)

@@ -28,14 +28,14 @@ def small_cnn() -> nn.Module:
     )
 
 
-def batches(count: int, seed: int = 0):
+def minibatches(count: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(count):
         yield torch.randn(16, 3, 6, 6, generator=gen), torch.randint(0, 4, (16,), generator=gen)
 
 
 def train(model, opt, mon, steps=5, **step_kwargs):
-    for x, y in batches(steps):
+    for x, y in minibatches(steps):
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -81,7 +81,7 @@ def test_gradient_statistics_equal_float64_reference(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights: grads stay checkable
     grads = {}
     with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt) as mon:
-        x, y = next(batches(1))
+        x, y = next(minibatches(1))
         nn.functional.cross_entropy(model(x), y).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
@@ -117,7 +117,7 @@ def test_nonfinite_values_are_counted_not_raised(tmp_path):
     model = small_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt) as mon:
-        x, y = next(batches(1))
+        x, y = next(minibatches(1))
         x[0, 0, 0, 0] = math.nan
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -135,7 +135,7 @@ def test_gradient_accumulation_records_once_per_optimizer_step(tmp_path):
     model = small_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt) as mon:
-        data = list(batches(8))
+        data = list(minibatches(8))
         for i in range(0, 8, 4):
             opt.zero_grad()
             for x, y in data[i : i + 4]:
@@ -167,7 +167,7 @@ def test_frozen_parameters_and_step_without_backward(tmp_path):
 def test_without_optimizer_grads_are_read_in_step(tmp_path):
     model = small_cnn()
     with torchvitals.Monitor(model, tmp_path / "run") as mon:
-        x, y = next(batches(1))
+        x, y = next(minibatches(1))
         nn.functional.cross_entropy(model(x), y).backward()
         mon.step()
     grads = layer_rows(torchvitals.load_run(tmp_path / "run"), "grad")

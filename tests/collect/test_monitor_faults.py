@@ -48,18 +48,35 @@ def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path):
             if int(line) >= 50:
                 break
         reached = int(line)
-        time.sleep(0.6)  # several flush intervals: everything up to `reached` is on disk
+        # The writer flushes every 0.1 s on its own: wait (while training goes on) until
+        # every step up to `reached` is on disk, then kill.
+        deadline = time.monotonic() + 60
+        while not on_disk(path, reached):
+            assert time.monotonic() < deadline, f"steps up to {reached} never reached the disk"
+            time.sleep(0.05)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert on_disk(path, reached)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not torchvitals.load_run(path).closed
+
+
+def on_disk(path, last: int) -> bool:
+    """Whether the run's loss scalars and layer rows hold every step up to ``last``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a torn last batch is reported as a warning
-        run = torchvitals.load_run(path)
-    steps = run.scalar("loss")[0]
-    assert set(range(reached + 1)) <= set(steps.tolist())
-    layer_steps = set(run.to_pandas("layers")["step"])
-    assert set(range(reached + 1)) <= layer_steps
-    assert not run.closed
+        try:
+            run = torchvitals.load_run(path)
+        except FileNotFoundError:
+            return False
+    wanted = set(range(last + 1))
+    if "loss" not in run.scalar_names():
+        return False
+    return wanted <= set(run.scalar("loss")[0].tolist()) and wanted <= set(
+        run.to_pandas("layers")["step"]
+    )
 
 
 def test_full_disk_keeps_training_and_warns_once(tmp_path):

@@ -1,21 +1,17 @@
-"""Checks that need a GPU, beyond the test suite: a training step with the Monitor
-(1) raises nothing under ``torch.cuda.set_sync_debug_mode("error")``, (2) can be
-captured in a CUDA graph and replayed, with statistics re-read after each replay,
-and (3) trains under ``torch.compile``. Prints one PASS/FAIL line per check and
-exits non-zero if any fails.
-"""
+"""A training step with the Monitor on a GPU: (1) no host sync on the training thread
+(``torch.cuda.set_sync_debug_mode("error")``), (2) captured in a CUDA graph and
+replayed, with statistics re-read after each replay, and (3) under ``torch.compile``.
+Skipped without a GPU."""
 
 from __future__ import annotations
 
-import sys
-import tempfile
-import traceback
-from pathlib import Path
-
+import pytest
 import torch
 from torch import nn
 
 import torchvitals
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 
 
 def model_and_data():
@@ -28,7 +24,8 @@ def model_and_data():
     return model, x, y
 
 
-def check_no_sync(workdir: Path) -> None:
+def test_training_step_makes_no_host_sync(tmp_path):
+    workdir = tmp_path
     model, x, y = model_and_data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     mon = torchvitals.Monitor(model, workdir / "sync", optimizer=opt)
@@ -54,7 +51,8 @@ def check_no_sync(workdir: Path) -> None:
     assert steps.tolist() == list(range(6)), steps
 
 
-def check_cuda_graph(workdir: Path) -> None:
+def test_training_step_captured_in_a_cuda_graph(tmp_path):
+    workdir = tmp_path
     model, x, y = model_and_data()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
     mon = torchvitals.Monitor(model, workdir / "graph", optimizer=opt)
@@ -95,7 +93,8 @@ def check_cuda_graph(workdir: Path) -> None:
     assert torch.allclose(torch.tensor(recorded), torch.stack(losses).double().cpu())
 
 
-def check_compile(workdir: Path) -> None:
+def test_training_step_under_torch_compile(tmp_path):
+    workdir = tmp_path
     model, x, y = model_and_data()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     mon = torchvitals.Monitor(model, workdir / "compile", optimizer=opt)
@@ -112,23 +111,3 @@ def check_compile(workdir: Path) -> None:
     assert float(loss) < first, (first, float(loss))
     layers = torchvitals.load_run(workdir / "compile").to_pandas("layers")
     assert set(layers["kind"]) >= {"grad", "act"}, set(layers["kind"])
-
-
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("SKIP: no GPU")
-        return 0
-    failures = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for check in (check_no_sync, check_cuda_graph, check_compile):
-            try:
-                check(Path(tmp))
-                print(f"PASS {check.__name__}")
-            except Exception:
-                failures += 1
-                print(f"FAIL {check.__name__}\n{traceback.format_exc()}")
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
