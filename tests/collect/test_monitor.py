@@ -254,7 +254,7 @@ def test_activation_gradients_once_per_step_under_accumulation(tmp_path):
     model = small_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt, act_grads=True) as mon:
-        for x, y in batches(2):
+        for x, y in minibatches(2):
             for _ in range(3):  # three micro-batches per optimizer step
                 nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
@@ -293,7 +293,7 @@ def test_grad_scaler_loss_scale_recorded(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt, scaler=scaler) as mon:
-        for x, y in batches(2):
+        for x, y in minibatches(2):
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             scaler.scale(loss).backward()
@@ -353,7 +353,7 @@ def test_training_step_with_monitor_never_syncs(tmp_path):
     model = small_cnn().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mon = torchvitals.Monitor(model, tmp_path / "run", optimizer=opt)
-    data = [(x.cuda(), y.cuda()) for x, y in batches(4)]
+    data = [(x.cuda(), y.cuda()) for x, y in minibatches(4)]
 
     def one_step(x, y):
         loss = nn.functional.cross_entropy(model(x), y)
