@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from torchvitals.engine.derived import norm
 from torchvitals.store.schema import dictionary_codes
 
 
@@ -124,7 +125,7 @@ def _layer_series(layers, steps_all):
         return g
 
     if "grad" in kind_idx:
-        g = grid(kcodes == kind_idx["grad"], np.sqrt(cols["sumsq"]))
+        g = grid(kcodes == kind_idx["grad"], norm(cols["sumsq"]))
         for j, name in enumerate(lnames):
             if np.isfinite(g[j]).any():
                 out[f"grad_norm/{name}"] = g[j]
@@ -145,7 +146,7 @@ def _layer_series(layers, steps_all):
                 out[f"sat_frac/{name}"] = gs[j]
     for kind, metric in (("weight", "weight_norm"), ("act_grad", "act_grad_norm")):
         if kind in kind_idx:
-            g = grid(kcodes == kind_idx[kind], np.sqrt(cols["sumsq"]))
+            g = grid(kcodes == kind_idx[kind], norm(cols["sumsq"]))
             for j, name in enumerate(lnames):
                 if np.isfinite(g[j]).any():
                     out[f"{metric}/{name}"] = g[j]
