@@ -1,9 +1,11 @@
 """Small real training runs with known interventions, recorded by the Monitor.
 
-Used by ``tests/test_detect_runs.py``. Every run trains a small model on CPU, on one
-thread, on a fixed synthetic task, so it is deterministic: the data, the initial weights
-and the minibatch order all come from seeded generators. Each builder trains into a run
-directory and returns it; the step of its intervention is a module constant.
+Used by ``tests/analysis/test_detect_runs.py`` and ``tests/report/test_cli.py``. Every run
+trains a small model on CPU, on one thread, on a fixed synthetic task, so it is
+deterministic: the data, the initial weights and the minibatch order all come from seeded
+generators. Each builder trains into a run directory and returns it; the step of its
+intervention is a module constant. :func:`record` trains one and reads it back, with its
+events, as a :class:`Recorded`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchvitals import Monitor
+from torchvitals import Monitor, detect_events, load_run
+from torchvitals.analysis.runtables import series_from_run
 
 CLASSES = 10
 FEATURES = 32
@@ -245,3 +248,25 @@ def dead_units_hot_logits(path, seed: int = 0, logit_scale: float = 50.0) -> Pat
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     data = classification(seed)
     return train(path, model, opt, DEAD_RUN, data, order_seed=seed + 1)
+
+
+# --------------------------------------------------------------------------- read back
+class Recorded:
+    """A run trained once per module, read back, with its events."""
+
+    def __init__(self, path, num_classes=None):
+        self.path = path
+        self.run = load_run(path)
+        self.step, self.loss, self.lr, self.series = series_from_run(self.run)
+        self.events = detect_events(self.run, num_classes=num_classes)
+
+    def __repr__(self):  # shown by pytest when an assertion fails
+        return "\n".join(str(e) for e in self.events)
+
+
+def record(factory, build, name, num_classes=None, **kwargs) -> Recorded:
+    """Trains ``build(path, **kwargs)`` into a fresh directory of ``factory`` (pytest's
+    ``tmp_path_factory``) and reads it back."""
+    path = factory.mktemp(name) / "run"
+    build(path, **kwargs)
+    return Recorded(path, num_classes)

@@ -14,16 +14,13 @@ misses or misreports today; their reasons give the numbers.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import training_runs as tr
 
-from torchvitals import load_run
 from torchvitals.analysis import detect_events
-from torchvitals.analysis.runtables import series_from_run
 
 
 def kinds(events, kind):
@@ -42,29 +39,10 @@ def attributed(event, layer, metric):
     return None
 
 
-class Recorded:
-    """A run trained once per module, read back, with its events."""
-
-    def __init__(self, path, num_classes=None):
-        self.path = path
-        self.run = load_run(path)
-        self.step, self.loss, self.lr, self.series = series_from_run(self.run)
-        self.events = detect_events(self.run, num_classes=num_classes)
-
-    def __repr__(self):  # shown by pytest when an assertion fails
-        return "\n".join(str(e) for e in self.events)
-
-
-def record(factory, build, name, num_classes=None, **kwargs):
-    path = factory.mktemp(name) / "run"
-    build(path, **kwargs)
-    return Recorded(path, num_classes)
-
-
 # ------------------------------------------------------------------------ 1. LR step
 @pytest.fixture(scope="module")
 def lr_step(tmp_path_factory):
-    return record(tmp_path_factory, tr.lr_step, "lr_step")
+    return tr.record(tmp_path_factory, tr.lr_step, "lr_step")
 
 
 def test_lr_step_is_an_lr_drop(lr_step):
@@ -103,7 +81,7 @@ def test_lr_step_is_an_lr_drop(lr_step):
     "lr_drop's attribution does not contain the LR at all (only 0.bias weight_norm).",
 )
 def test_lr_step_attribution_names_the_lr_other_seed(tmp_path_factory):
-    r = record(tmp_path_factory, tr.lr_step, "lr_step_seed4", seed=4)
+    r = tr.record(tmp_path_factory, tr.lr_step, "lr_step_seed4", seed=4)
     drops = kinds(r.events, "lr_drop")
     assert len(drops) == 1 and abs(drops[0].step - tr.LR_STEP_AT) <= 0.03 * tr.LR_STEP_RUN, r
     ev = drops[0]
@@ -114,7 +92,7 @@ def test_lr_step_attribution_names_the_lr_other_seed(tmp_path_factory):
 # -------------------------------------------------------------------- 2. LR too high
 @pytest.fixture(scope="module")
 def lr_too_high(tmp_path_factory):
-    return record(tmp_path_factory, tr.lr_too_high, "lr_too_high")
+    return tr.record(tmp_path_factory, tr.lr_too_high, "lr_too_high")
 
 
 def test_lr_too_high_is_a_divergence(lr_too_high):
@@ -149,7 +127,7 @@ def test_lr_too_high_is_a_divergence(lr_too_high):
     "100-step mean is ~0.015. No excursion opens either (the rise takes ~20 steps).",
 )
 def test_lr_raised_30x_is_a_divergence(tmp_path_factory):
-    r = record(tmp_path_factory, tr.lr_too_high, "lr_30x", factor=30.0)
+    r = tr.record(tmp_path_factory, tr.lr_too_high, "lr_30x", factor=30.0)
     at = tr.DIVERGE_AT
     assert np.median(r.loss[-100:]) > 1.5 * np.median(r.loss[at - 50 : at])
     assert [e for e in kinds(r.events, "divergence") if e.step >= at], r
@@ -158,7 +136,7 @@ def test_lr_raised_30x_is_a_divergence(tmp_path_factory):
 # ---------------------------------------------------------------- 3. corrupted batches
 @pytest.fixture(scope="module")
 def corrupted(tmp_path_factory):
-    return record(tmp_path_factory, tr.corrupted_batches, "corrupted")
+    return tr.record(tmp_path_factory, tr.corrupted_batches, "corrupted")
 
 
 def test_corrupted_batches_are_a_spike(corrupted):
@@ -201,7 +179,7 @@ def test_single_corrupted_batch_is_at_most_an_outlier(corrupted):
     "Undoing 90% of a x2800 jump counts as recovered; no divergence is reported.",
 )
 def test_inputs_x100_recovery_is_real(tmp_path_factory):
-    r = record(tmp_path_factory, tr.corrupted_batches, "x100", how="scale", one=False)
+    r = tr.record(tmp_path_factory, tr.corrupted_batches, "x100", how="scale", one=False)
     at = tr.CORRUPT_AT
     base = np.median(r.loss[at - 50 : at])
     for ev in kinds(r.events, "spike"):
@@ -214,7 +192,7 @@ def test_inputs_x100_recovery_is_real(tmp_path_factory):
 # ----------------------------------------------------------------------------- 4. NaN
 @pytest.fixture(scope="module")
 def nan_run(tmp_path_factory):
-    return record(tmp_path_factory, tr.nan_input, "nan")
+    return tr.record(tmp_path_factory, tr.nan_input, "nan")
 
 
 def test_nan_input_is_nonfinite_at_its_step_in_the_first_layer(nan_run):
@@ -248,7 +226,7 @@ def test_nan_input_reports_no_dead_units(nan_run):
 # ------------------------------------------------------------- 5. plateau then kick-in
 @pytest.fixture(scope="module")
 def kick(tmp_path_factory):
-    return record(tmp_path_factory, tr.plateau_kick_in, "kick")
+    return tr.record(tmp_path_factory, tr.plateau_kick_in, "kick")
 
 
 def first_below(loss, level, window=10):
@@ -286,7 +264,7 @@ def test_plateau_then_kick_in(kick):
     "5 sigma_E = 0.212, while the best window drop beats the trend by 0.141.",
 )
 def test_sharp_kick_in_after_flat_plateau(tmp_path_factory):
-    r = record(
+    r = tr.record(
         tmp_path_factory, tr.plateau_kick_in, "kick_sharp", scale=0.2, lr=0.2, orthogonal=False
     )
     onset = first_below(r.loss, 0.98 * np.median(r.loss[:60]))
@@ -296,10 +274,10 @@ def test_sharp_kick_in_after_flat_plateau(tmp_path_factory):
     assert [p for p in kinds(r.events, "plateau") if p.end_step < ki[0].step], r
 
 
-# ---------------------------------------------- 6. dead units, initial loss, CLI, report
+# ------------------------------------------------------- 6. dead units, initial loss
 @pytest.fixture(scope="module")
 def dead(tmp_path_factory):
-    return record(tmp_path_factory, tr.dead_units_hot_logits, "dead", num_classes=tr.CLASSES)
+    return tr.record(tmp_path_factory, tr.dead_units_hot_logits, "dead", num_classes=tr.CLASSES)
 
 
 def test_dead_relu_units_are_found_in_their_layer(dead):
@@ -330,49 +308,3 @@ def test_initial_loss_far_from_ln_classes(dead, tmp_path_factory):
 def test_initial_loss_not_reported_for_a_normal_init(corrupted):
     assert corrupted.loss[0] == pytest.approx(math.log(tr.CLASSES), rel=0.1)
     assert not kinds(detect_events(corrupted.run, num_classes=tr.CLASSES), "initial_loss")
-
-
-def test_cli_events_json(dead, capsys):
-    from torchvitals.cli import main
-
-    assert main(["events", str(dead.path), "--json", "--num-classes", str(tr.CLASSES)]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert isinstance(out, list) and len(out) == len(dead.events)
-    fields = {"kind", "step", "end_step", "severity", "cause", "evidence", "layers"}
-    for item in out:
-        assert fields <= item.keys(), item
-        assert isinstance(item["layers"], list) and isinstance(item["evidence"], dict)
-    assert [(e["kind"], e["step"]) for e in out] == [(e.kind, e.step) for e in dead.events]
-    assert {"dead_units", "initial_loss"} <= {e["kind"] for e in out}
-    assert any(e["kind"] == "dead_units" and e["layer"] == tr.HOSTILE for e in out)
-
-    assert main(["events", str(dead.path)]) == 0  # plain text: one line per event
-    text = capsys.readouterr().out
-    assert "dead_units" in text and "initial_loss" not in text  # no --num-classes
-
-
-def test_cli_events_json_with_attribution(lr_step, capsys):
-    from torchvitals.cli import main
-
-    assert main(["events", str(lr_step.path), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    (drop,) = [e for e in out if e["kind"] == "lr_drop"]
-    assert (
-        drop["layers"] and {"layer", "metric", "change", "lead_steps"} <= drop["layers"][0].keys()
-    )
-    assert any(a["layer"] == "*" and a["metric"] == "lr" for a in drop["layers"])
-
-
-def test_cli_report_html_escapes_layer_names(dead, tmp_path):
-    from torchvitals.cli import main
-
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "report.html"
-    args = ["report", str(dead.path), "--out", str(out), "--num-classes", str(tr.CLASSES)]
-    assert main(args) == 0
-    page = out.read_text(encoding="utf-8")
-    assert page.count("<img") >= 2
-    for kind in ("dead_units", "initial_loss"):
-        assert kind in page
-    assert "<script" not in page.lower()  # the hostile module name is never live markup
-    assert "relu&lt;script&gt;alert(1)&lt;/script&gt;" in page

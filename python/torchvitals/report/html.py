@@ -3,7 +3,8 @@ heatmaps over steps, histogram evolution, and the events and worst layers as tab
 
 Plots are rendered with matplotlib (Agg) and embedded as base64 PNG, so the file opens
 in any browser with no network and no other files. Every name that came from the run
-(layers, causes) is HTML-escaped.
+(layers, causes) is HTML-escaped. What the tables and the histogram plots show comes
+from :mod:`torchvitals.analysis.summary`; this module only renders it.
 """
 
 from __future__ import annotations
@@ -11,17 +12,22 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from torchvitals.analysis import Event
 from torchvitals.analysis.events import CURVE_KINDS, SEVERITIES
 from torchvitals.analysis.runtables import series_from_run
+from torchvitals.analysis.summary import (
+    EVENT_COLUMNS,
+    WORST_COLUMNS,
+    event_rows,
+    histogram_layers,
+    histogram_matrix,
+    worst_layers,
+)
 from torchvitals.engine.histogram import hist_edges
 from torchvitals.store.reader import Run
 
@@ -57,50 +63,6 @@ def _block_mean(matrix: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.n
     counts = np.add.reduceat(finite, starts, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts, steps[starts]  # 0/0 leaves NaN where a block had no value
-
-
-WORST_COLUMNS = [
-    "layer",
-    "score",
-    "max_dead_frac",
-    "max_sat_frac",
-    "nonfinite",
-    "grad_norm_last",
-    "grad_norm_range",
-]
-
-
-def worst_layers(series: dict[str, np.ndarray], limit: int = 10) -> list[dict[str, object]]:
-    """Layers ranked by how unhealthy they look anywhere in the run."""
-    layers: dict[str, dict[str, float]] = {}
-    for key, values in series.items():
-        if "/" not in key or not np.isfinite(values).any():
-            continue
-        metric, layer = key.split("/", 1)
-        row = layers.setdefault(layer, {})
-        finite = values[np.isfinite(values)]
-        if metric in ("dead_frac", "sat_frac"):
-            row[f"max_{metric}"] = float(finite.max())
-        elif metric == "nonfinite":
-            row["nonfinite"] = float(finite.sum())
-        elif metric == "grad_norm":
-            row["grad_norm_last"] = float(finite[-1])
-            positive = finite[finite > 0]
-            if positive.size >= 2:
-                row["grad_norm_range"] = float(np.log10(positive.max() / positive.min()))
-    scored = []
-    for layer, row in layers.items():
-        score = (
-            row.get("max_dead_frac", 0.0)
-            + row.get("max_sat_frac", 0.0)
-            + (10.0 if row.get("nonfinite", 0.0) else 0.0)
-            + 0.2 * row.get("grad_norm_range", 0.0)
-        )
-        scored.append(
-            {"layer": layer, "score": round(score, 3), **{k: round(v, 4) for k, v in row.items()}}
-        )
-    scored.sort(key=lambda r: -r["score"])
-    return scored[:limit]
 
 
 def _loss_plot(step, loss, lr, events: Sequence[Event], metric: str) -> str:
@@ -158,19 +120,10 @@ def _heatmap(step, series: dict[str, np.ndarray], metric: str, title: str, log: 
 def _histogram_plot(run: Run, layer: str, kind: str) -> str | None:
     import matplotlib.pyplot as plt
 
-    table = run.hist
-    rows = table.filter(
-        pc.and_(
-            pc.equal(pc.cast(table["layer"], pa.string()), layer),
-            pc.equal(pc.cast(table["kind"], pa.string()), kind),
-        )
-    )
-    if rows.num_rows == 0:
+    found = histogram_matrix(run, layer, kind)
+    if found is None:
         return None
-    rows = rows.filter(pc.equal(rows["rank"], pc.min(rows["rank"])))  # merged rows (-1) first
-    flat = rows["counts"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    counts = flat.reshape(rows.num_rows, -1).astype(np.float64).T  # [bins, steps]
-    steps = rows["step"].to_numpy()
+    steps, counts = found
     labels = hist_edges().labels
     used = np.flatnonzero(counts.sum(axis=1) > 0)
     lo, hi = used.min(), used.max()
@@ -195,47 +148,6 @@ def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
         for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def attribution_text(event: Event, top: int = 3) -> str:
-    """The first ``top`` attributed changes, e.g. ``fc1 grad_norm x4.2 (lead 12)``."""
-    parts = []
-    for layer, metric, change, lead in list(event.layers)[:top]:
-        # fractions change by a difference, everything else by a log-ratio (analysis.Event)
-        size = f"{change:+.2f}" if metric.endswith("_frac") else f"x{math.exp(change):.3g}"
-        parts.append(f"{layer} {metric} {size} (lead {lead})")
-    return "; ".join(parts)
-
-
-EVENT_COLUMNS = ["kind", "step", "end_step", "severity", "layer", "cause", "attribution"]
-
-
-def event_rows(events: Sequence[Event]) -> list[dict[str, object]]:
-    rows = []
-    for ev in events:
-        rows.append(
-            {
-                "kind": ev.kind,
-                "step": ev.step,
-                "end_step": ev.end_step,
-                "severity": ev.severity,
-                "layer": ev.layer or "",
-                "cause": ev.cause,
-                "attribution": attribution_text(ev),
-            }
-        )
-    return rows
-
-
-def histogram_layers(run: Run, series: dict[str, np.ndarray], count: int = 3) -> list[str]:
-    """Layers whose gradient norm changed the most over the run."""
-    spans = []
-    for key, v in series.items():
-        if key.startswith("grad_norm/"):
-            positive = v[np.isfinite(v) & (v > 0)]
-            if positive.size >= 2:
-                spans.append((math.log10(positive.max() / positive.min()), key.split("/", 1)[1]))
-    return [name for _, name in sorted(spans, reverse=True)[:count]]
 
 
 def write_report(

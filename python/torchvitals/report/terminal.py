@@ -10,7 +10,7 @@ from rich.table import Table
 
 from torchvitals.analysis import Event
 from torchvitals.analysis.events import CURVE_KINDS
-from torchvitals.report.html import EVENT_COLUMNS, WORST_COLUMNS, event_rows, worst_layers
+from torchvitals.analysis.summary import EVENT_COLUMNS, WORST_COLUMNS, event_rows, worst_layers
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 

@@ -1,0 +1,63 @@
+"""The ``torchvitals`` command line on small real training runs (``tests/training_runs.py``):
+``events`` (JSON and plain text) and ``report`` (the HTML page)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import training_runs as tr
+
+from torchvitals.cli import main
+
+
+@pytest.fixture(scope="module")
+def dead(tmp_path_factory):
+    """Dead ReLU units under a hostile module name, and an initial loss far above ln(10)."""
+    return tr.record(tmp_path_factory, tr.dead_units_hot_logits, "dead", num_classes=tr.CLASSES)
+
+
+@pytest.fixture(scope="module")
+def lr_step(tmp_path_factory):
+    """An LR cut tenfold: one lr_drop, attributed to the LR."""
+    return tr.record(tmp_path_factory, tr.lr_step, "lr_step")
+
+
+def test_cli_events_json(dead, capsys):
+    assert main(["events", str(dead.path), "--json", "--num-classes", str(tr.CLASSES)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, list) and len(out) == len(dead.events)
+    fields = {"kind", "step", "end_step", "severity", "cause", "evidence", "layers"}
+    for item in out:
+        assert fields <= item.keys(), item
+        assert isinstance(item["layers"], list) and isinstance(item["evidence"], dict)
+    assert [(e["kind"], e["step"]) for e in out] == [(e.kind, e.step) for e in dead.events]
+    assert {"dead_units", "initial_loss"} <= {e["kind"] for e in out}
+    assert any(e["kind"] == "dead_units" and e["layer"] == tr.HOSTILE for e in out)
+
+    assert main(["events", str(dead.path)]) == 0  # plain text: one line per event
+    text = capsys.readouterr().out
+    assert "dead_units" in text and "initial_loss" not in text  # no --num-classes
+
+
+def test_cli_events_json_with_attribution(lr_step, capsys):
+    assert main(["events", str(lr_step.path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (drop,) = [e for e in out if e["kind"] == "lr_drop"]
+    assert (
+        drop["layers"] and {"layer", "metric", "change", "lead_steps"} <= drop["layers"][0].keys()
+    )
+    assert any(a["layer"] == "*" and a["metric"] == "lr" for a in drop["layers"])
+
+
+def test_cli_report_html_escapes_layer_names(dead, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report.html"
+    args = ["report", str(dead.path), "--out", str(out), "--num-classes", str(tr.CLASSES)]
+    assert main(args) == 0
+    page = out.read_text(encoding="utf-8")
+    assert page.count("<img") >= 2
+    for kind in ("dead_units", "initial_loss"):
+        assert kind in page
+    assert "<script" not in page.lower()  # the hostile module name is never live markup
+    assert "relu&lt;script&gt;alert(1)&lt;/script&gt;" in page
