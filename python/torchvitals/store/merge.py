@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.engine.derived import norm
 from torchvitals.store.schema import SCHEMAS, dictionary_codes, empty_table
 
 __all__ = [
@@ -307,7 +308,7 @@ def _global_grad_scalars(table: pa.Table, manifests: Mapping[int, dict]) -> pa.T
             "step": pa.array(step[order][starts], pa.int64()),
             "rank": pa.array(np.full(len(starts), MERGED_RANK), pa.int32()),
             "name": _labels(labels, g_codes),
-            "value": pa.array(np.where(is_norm, np.sqrt(squares), sums)),
+            "value": pa.array(np.where(is_norm, norm(squares), sums)),
         },
         schema=SCHEMAS["scalars"],
     ).filter(pa.array(complete))

@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .layout import MANIFEST_RE, SEGMENT_RE
 from .merge import concat_ranks, merge_ranks
 from .schema import SCHEMA_VERSION, SCHEMAS, conform, empty_table
-from .writer import MANIFEST_RE, SEGMENT_RE
 
 __all__ = ["MergeFn", "Run", "SchemaVersionError", "SegmentRecovery", "concat_ranks", "load_run"]
 

@@ -1,7 +1,7 @@
 """Arrow schemas of a torchvitals run directory: the single source of truth.
 
 ``docs/schema.md`` describes the same tables in prose; the writer (``writer.py``)
-builds every record batch with these schemas and the reader (``run.py``) conforms
+builds every record batch with these schemas and the reader (``reader.py``) conforms
 every segment it reads to them.
 
 Versioning: ``SCHEMA_VERSION`` is an integer bumped on *any* change to a table

@@ -1,0 +1,48 @@
+"""ManifestFile: the caller's keys plus the writer's, at start and at close."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from torchvitals.store.manifest import ManifestFile
+from torchvitals.store.schema import SCHEMA_VERSION
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_start_and_closed_manifest(tmp_path):
+    m = ManifestFile(
+        str(tmp_path),
+        3,
+        {"config": {"lr": np.float32(0.5)}, "rank": 99, "started_at": "T0"},
+        settings={"flush_interval": 1.0},
+    )
+    assert m.path == str(tmp_path / "manifest.rank3.json")
+    m.write_start()
+    start = read(m.path)
+    assert start == {
+        "config": {"lr": 0.5},
+        "rank": 3,  # the writer's rank wins
+        "schema_version": SCHEMA_VERSION,
+        "started_at": "T0",  # kept when the caller gives one
+        "writer": {"flush_interval": 1.0},
+    }
+    m.write_closed(dropped=2, write_errors=1, rows_written={"scalars": 5})
+    closed = read(m.path)
+    assert {k: closed.pop(k) for k in ("dropped_batches", "write_errors", "rows_written")} == {
+        "dropped_batches": 2,
+        "write_errors": 1,
+        "rows_written": {"scalars": 5},
+    }
+    assert isinstance(closed.pop("closed_at"), str) and closed == start
+
+
+def test_started_at_defaults_to_now(tmp_path):
+    m = ManifestFile(str(tmp_path), 0, {}, settings={})
+    m.write_start()
+    assert read(m.path)["started_at"].endswith("+00:00")
