@@ -170,26 +170,6 @@ def test_torch_compile_hooks_fire_and_match_eager(tmp_path, attach):
     np.testing.assert_allclose(compiled["sumsq"], eager["sumsq"], rtol=1e-5)
 
 
-def test_hooks_do_not_break_the_compiled_graph(tmp_path):
-    from torch._dynamo.utils import counters
-
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch._dynamo.reset()
-    counters.clear()
-    with torchvitals.Monitor(model, tmp_path / "run", optimizer=opt) as mon:
-        net = torch.compile(model)
-        for x, y in batches(2):
-            nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-            mon.step()
-    assert dict(counters["graph_break"]) == {}
-    assert mon.errors == 0
-    # the hooked forward still recorded its activations
-    acts = torchvitals.load_run(tmp_path / "run").to_pandas("layers").query("kind == 'act'")
-    assert sorted(acts["step"].unique()) == [0, 1]
-
-
 def test_tied_parameters_are_counted_once(tmp_path):
     torch.manual_seed(0)
     emb = nn.Embedding(20, 8)

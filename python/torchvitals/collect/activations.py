@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchvitals.collect.reductions import StepReductions
+from torchvitals.collect.reductions import Reduction, StepReductions
 from torchvitals.collect.selection import HookSpec, feature_dim
 
 
@@ -45,8 +45,15 @@ class ActivationCapture:
         self._grad_stash: dict[str, torch.Tensor] = {}  # by module, in backward order
         self._recording = False
         self._done = False
+        self._compiled: list[Reduction] = []  # the last compiled forward's activations
 
     def begin_forward(self) -> None:
+        if torch.compiler.is_compiling():
+            # Traced code must read no state that changes from step to step: Dynamo would
+            # guard on it and recompile. Compiled forwards always record; step() keeps what
+            # the cadence asks for (keep()).
+            self._stash = []
+            return
         if not self._recording:  # else nested in an explicit begin_forward()
             self._stash.clear()
         self._recording = (
@@ -58,12 +65,14 @@ class ActivationCapture:
 
     def activation_hook(self, spec: HookSpec) -> Callable:
         def on_forward(module: nn.Module, args: Any, output: Any) -> None:
-            if not self._recording:
+            compiling = torch.compiler.is_compiling()
+            if not (self._training() if compiling else self._recording):
                 return
             x = first_tensor(args if spec.of_input else output)
             if x is None or not x.is_floating_point() or x.layout != torch.strided:
                 return
-            if spec.name in self._reduce_in_hook:  # its output is overwritten later
+            # (Compiled graphs functionalize in-place ops: the stashed value is the hook's.)
+            if not compiling and spec.name in self._reduce_in_hook:  # overwritten later
                 dim = feature_dim(spec, x.dim(), None)
                 self._reductions.reduce("act", [spec.name], [x], [dim], [spec.saturation],
                                         [not spec.counts_dead])  # fmt: skip
@@ -87,8 +96,14 @@ class ActivationCapture:
         on_backward.__name__ = "activation-gradient hook"
         return on_backward
 
+    def _training(self) -> bool:
+        return self._model.training and torch.is_grad_enabled()
+
     def end_forward(self) -> None:
-        if not self._recording:
+        if torch.compiler.is_compiling():
+            if not self._training():
+                return
+        elif not self._recording:
             return
         self._recording = False
         self._done = True
@@ -114,7 +129,34 @@ class ActivationCapture:
             dims.append(dim)
             thresholds.append(spec.saturation)
             dead_undefined.append(not spec.counts_dead)
-        self._reductions.reduce("act", names, tensors, dims, thresholds, dead_undefined)
+        reductions = self._reductions.compute(
+            "act", names, tensors, dims, thresholds, dead_undefined
+        )
+        if torch.compiler.is_compiling():
+            # Assigned, not appended: appending reads the list, and Dynamo would guard on
+            # its length. Under gradient accumulation the last micro-batch's are kept.
+            self._compiled = reductions
+        else:
+            self._reductions.add(reductions)
+
+    def take_compiled(self) -> list[Reduction]:
+        """The activations a compiled forward reduced since the last call."""
+        taken, self._compiled = self._compiled, []
+        return taken
+
+    @staticmethod
+    def first_forward(reductions: list[Reduction]) -> list[Reduction]:
+        """``reductions`` less the activations of a second forward in the same step
+        (gradient accumulation): eager hooks record only the first; compiled ones every one."""
+        seen: set[str] = set()
+        kept = []
+        for r in reductions:
+            if r.kind == "act":
+                if seen.intersection(r.names):
+                    continue
+                seen.update(r.names)
+            kept.append(r)
+        return kept
 
     def reduce_gradients(self) -> None:
         """Reduces the activation gradients stashed since the last call."""

@@ -88,6 +88,10 @@ class ParamPolicy:
         self.grads_on = grads_on
         self.rank = rank
         self._records: dict[int, bool] = {}
+        # Decided up front: a cache filled during training would change under a compiled
+        # optimizer step, and Dynamo, which guards on it, would recompile.
+        for p in model.parameters():
+            self.records(p)
 
     def records(self, p: torch.Tensor) -> bool:
         known = self._records.get(id(p))

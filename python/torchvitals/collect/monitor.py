@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,19 @@ class MonitorConfig:
     strict: bool = False
     grads_on: str = "auto"
     live: bool = False
+
+
+def _run_eagerly_as_a_frame(code: types.CodeType) -> None:
+    """Inside a traced forward Dynamo inlines the hooks: one graph, no break. Met as a
+    frame of its own (``model.compile()`` compiles ``Module._call_impl``, which Dynamo
+    does not trace, so the hooks it calls become frames), a hook would be compiled on its
+    own and recompiled for every hook's closure: run it, and what it calls, eagerly."""
+    try:
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # older torch: such hooks are compiled as frames of their own
+        return
+    set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
 def _default_rank() -> tuple[int, int]:
@@ -283,7 +297,9 @@ class Monitor:
         return on_optimizer_step
 
     def _read_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        if self.step_count % self.config.grad_every:
+        # A compiled optimizer step traces this hook: the cadence, read there, would be a
+        # guard. It always reads; step() keeps what is due.
+        if not torch.compiler.is_compiling() and self.step_count % self.config.grad_every:
             return
         self._params.read_gradients(optimizer)
         self._acts.reduce_gradients()
@@ -328,7 +344,8 @@ class Monitor:
         host["step_time"] = step_time
         # Time in hooks over the same span as step_time; this call counts in the next one.
         host[HOOK_TIME_SCALAR], self._hook_seconds = self._hook_seconds, 0.0
-        reductions = self._reductions.take()
+        taken = self._acts.first_forward(self._acts.take_compiled() + self._reductions.take())
+        reductions = [r for r in taken if self._due(r.kind)]
         self._step_grads = [r for r in reductions if r.kind == "grad"]
         record = StepRecord.start(self.step_count, reductions, host, device, self.config.histograms)
         self.writer.submit("scalars", record.scalar_columns)
@@ -336,6 +353,12 @@ class Monitor:
             self.writer.submit("layers", record.layer_columns)
             if self.config.histograms:
                 self.writer.submit("hist", record.hist_columns)
+
+    def _due(self, kind: str) -> bool:
+        """Whether ``kind`` is recorded at this step (eager hooks only record what is due;
+        compiled ones record every step, see ActivationCapture)."""
+        every = self.config.act_every if kind == "act" else self.config.grad_every
+        return kind == "weight" or self.step_count % every == 0
 
     # --- live mode ------------------------------------------------------------------
 
@@ -385,3 +408,8 @@ class Monitor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_run_eagerly_as_a_frame(
+    next(c for c in Monitor._guard.__code__.co_consts if getattr(c, "co_name", "") == "guarded")
+)

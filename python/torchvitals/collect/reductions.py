@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,7 +34,7 @@ class StepReductions:
         self._pending: list[Reduction] = []
         self._captured: list[Reduction] = []
 
-    def reduce(
+    def compute(
         self,
         kind: str,
         names: Sequence[str],
@@ -41,7 +42,7 @@ class StepReductions:
         dims: Sequence[int | None] | None = None,
         thresholds: Sequence[float | None] | None = None,
         dead_undefined: Sequence[bool] | None = None,
-    ) -> None:
+    ) -> list[Reduction]:
         """One fused engine call per device (parameters may live on several)."""
         dims = dims or [None] * len(tensors)
         thresholds = thresholds or [None] * len(tensors)
@@ -49,23 +50,29 @@ class StepReductions:
         by_device: dict[int, list[int]] = {}  # by get_device(): -1 is the CPU
         for i, t in enumerate(tensors):
             by_device.setdefault(t.get_device(), []).append(i)
+        out = []
         for idx in by_device.values():
             moments, counts, hist = fused_stats(
                 [tensors[i] for i in idx],
                 feature_dim=[dims[i] for i in idx],
                 saturation=[thresholds[i] for i in idx],
             )
-            reduction = Reduction(
-                kind,
-                [names[i] for i in idx],
-                moments,
-                counts,
-                hist,
-                [dead_undefined[i] for i in idx],
+            names_ = [names[i] for i in idx]
+            out.append(
+                Reduction(kind, names_, moments, counts, hist, [dead_undefined[i] for i in idx])
             )
-            self._pending.append(reduction)
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                self._captured.append(reduction)
+        return out
+
+    def add(self, reductions: list[Reduction]) -> None:
+        """Adds ``reductions`` to this step (called outside compiled code: Dynamo would
+        guard on the list)."""
+        self._pending.extend(reductions)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            self._captured.extend(reductions)
+
+    def reduce(self, *args: Any, **kwargs: Any) -> None:
+        """:meth:`compute`, then :meth:`add`."""
+        self.add(self.compute(*args, **kwargs))
 
     def take(self) -> list[Reduction]:
         """This step's reductions, then the captured ones not among them; starts a new step."""
