@@ -124,13 +124,12 @@ def parameter_list(model: nn.Module, dtype: torch.dtype, device: str) -> list[to
 
 def activation_list(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """Outputs of the modules a Monitor hooks by default, from one forward of ``x``."""
-    from torchvitals.collect.selection import DEFAULT_TYPES
+    from torchvitals.collect.selection import select_modules
 
     outputs: list[torch.Tensor] = []
     handles = [
         m.register_forward_hook(lambda _m, _a, out: outputs.append(out.detach().to(dtype)))
-        for m in model.modules()
-        if isinstance(m, tuple(DEFAULT_TYPES))
+        for m, _spec in select_modules(model)
     ]
     with torch.no_grad():
         model(x)

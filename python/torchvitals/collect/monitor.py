@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 import time
-import types
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from types import CodeType
 from typing import Any, Literal
 
 import torch
@@ -44,7 +44,7 @@ from torchvitals.collect.parameters import ParameterReader
 from torchvitals.collect.record import LiveRecord, StepRecord
 from torchvitals.collect.reductions import StepReductions
 from torchvitals.collect.scalars import ScalarReader
-from torchvitals.collect.selection import DEFAULT_TYPES, select_modules
+from torchvitals.collect.selection import has_activation_function, select_modules
 from torchvitals.store.schema import HOOK_TIME_SCALAR
 from torchvitals.store.writer import RunWriter
 
@@ -71,7 +71,7 @@ class MonitorConfig:
     live: bool = False
 
 
-def _run_eagerly_as_a_frame(code: types.CodeType) -> None:
+def _run_eagerly_as_a_frame(code: CodeType) -> None:
     """Inside a traced forward Dynamo inlines the hooks: one graph, no break. Met as a
     frame of its own (``model.compile()`` compiles ``Module._call_impl``, which Dynamo
     does not trace, so the hooks it calls become frames), a hook would be compiled on its
@@ -120,7 +120,7 @@ class Monitor:
         activations: bool = True,
         act_grads: bool = False,
         histograms: bool = True,
-        types: Iterable[type[nn.Module]] = DEFAULT_TYPES,
+        types: Iterable[type[nn.Module]] | None = None,
         include: Iterable[str] = (),
         exclude: Iterable[str] = (),
         flush_interval: float = 1.0,
@@ -144,7 +144,7 @@ class Monitor:
             raise ValueError(
                 f"every={every}, act_every={act_every} and weight_every={weight_every} must be >= 1"
             )
-        types = tuple(types)
+        types = None if types is None else tuple(types)
         self.config = MonitorConfig(
             grad_every=every,
             act_every=act_every,
@@ -154,7 +154,7 @@ class Monitor:
             act_grads=act_grads,
             include=tuple(include),
             exclude=tuple(exclude),
-            types=tuple(t.__name__ for t in types),
+            types=() if types is None else tuple(t.__name__ for t in types),
             flush_interval=flush_interval,
             on_full=on_full,
             strict=strict,
@@ -198,6 +198,14 @@ class Monitor:
         self._handles: list[Any] = []
 
         hooked = select_modules(model, types, include, exclude) if activations else []
+        if activations and not has_activation_function(spec for _, spec in hooked):
+            warnings.warn(
+                "torchvitals: no activation function module found in the model (functional "
+                "calls such as F.relu cannot be hooked): no dead or saturated units will be "
+                "recorded; name modules to measure with include=[...]",
+                UserWarning,
+                stacklevel=2,
+            )
         manifest = build_manifest(
             model,
             [spec for _, spec in hooked],
