@@ -59,7 +59,7 @@ def test_activation_capture_reduces_the_forward_in_one_call_and_skips_eval():
     relu = torch.relu(model[0](x))
     dead = COUNT_KEYS.index("dead_units")
     assert int(acts.counts[1, dead]) == int((~(relu > 0).any(0)).sum())
-    assert acts.dead_undefined == [True, False, True]  # only the ReLU counts dead units
+    assert acts.roles == ["linear", "rectifier", "linear"]
     assert out.shape == (16, 2)
 
     model.eval()
@@ -141,7 +141,7 @@ def test_step_record_columns_from_plain_data():
     reductions = StepReductions()
     g1, g2 = torch.tensor([3.0, 4.0]), torch.tensor([float("nan"), 12.0])
     reductions.reduce("grad", ["a", "b"], [g1, g2])
-    reductions.reduce("act", ["r"], [torch.zeros(2, 3)], [1], [None], [True])
+    reductions.reduce("act", ["r"], [torch.zeros(2, 3)], [1], [6.0], ["linear"])
     record = StepRecord.start(7, reductions.take(), {"loss": 1.5}, {}, histograms=True)
     scalars = record.scalar_columns()
     values = dict(zip(scalars["name"], scalars["value"], strict=True))
@@ -150,7 +150,9 @@ def test_step_record_columns_from_plain_data():
     assert values["grad_nonfinite"] == 1.0
     layers = record.layer_columns()
     assert layers["layer"] == ["a", "b", "r"] and layers["kind"] == ["grad", "grad", "act"]
-    np.testing.assert_array_equal(layers["dead_units"], [0, 0, 0])  # undefined on "r"
+    # measured where the role measures it, null (masked) elsewhere
+    assert layers["dead_units"].mask.all() and layers["saturated"].mask.all()
+    assert layers["large"].mask.tolist() == [True, True, False] and layers["large"][2] == 0
     np.testing.assert_array_equal(layers["units"], [0, 0, 3])
     hist = record.hist_columns()
     assert hist["counts"].shape[0] == 3 and hist["counts"].sum() == 2 + 2 + 6

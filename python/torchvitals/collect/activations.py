@@ -75,7 +75,7 @@ class ActivationCapture:
             if not compiling and spec.name in self._reduce_in_hook:  # overwritten later
                 dim = feature_dim(spec, x.dim(), None)
                 self._reductions.reduce("act", [spec.name], [x], [dim], [spec.saturation],
-                                        [not spec.counts_dead])  # fmt: skip
+                                        [spec.role])  # fmt: skip
             else:
                 # An in-place op later bumps the version. (Compiled graphs functionalize
                 # in-place ops; their versions mean nothing.)
@@ -108,7 +108,7 @@ class ActivationCapture:
         self._recording = False
         self._done = True
         stashed, self._stash = self._stash, []
-        names, tensors, dims, thresholds, dead_undefined = [], [], [], [], []
+        names, tensors, dims, thresholds, roles = [], [], [], [], []
         previous = None
         for spec, x, version in stashed:
             if version is not None and x._version != version:
@@ -128,10 +128,8 @@ class ActivationCapture:
             tensors.append(x)
             dims.append(dim)
             thresholds.append(spec.saturation)
-            dead_undefined.append(not spec.counts_dead)
-        reductions = self._reductions.compute(
-            "act", names, tensors, dims, thresholds, dead_undefined
-        )
+            roles.append(spec.role)
+        reductions = self._reductions.compute("act", names, tensors, dims, thresholds, roles)
         if torch.compiler.is_compiling():
             # Assigned, not appended: appending reads the list, and Dynamo would guard on
             # its length. Under gradient accumulation the last micro-batch's are kept.

@@ -20,7 +20,16 @@ from torchvitals.collect.reductions import Reduction
 from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 from torchvitals.engine.derived import gradient_totals, norm
 
-_DEAD = COUNT_KEYS.index("dead_units")
+MEASURES = ("rectifier", "named", "bounded", "probabilities", "linear", "norm")
+#: ``layers`` column: (the engine's count it comes from, the roles where it is measured).
+#: The engine's "saturated" count is |x| >= the module's threshold: saturation of a bounded
+#: activation, a large pre-activation (|x| >= 6) on a linear layer or norm.
+MEASURED_COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "dead_units": ("dead_units", ("rectifier", "named")),
+    "saturated": ("saturated", ("bounded", "probabilities")),
+    "saturated_units": ("saturated_units", ("bounded", "probabilities")),
+    "large": ("saturated", ("linear", "norm")),
+}
 
 
 @dataclass(frozen=True)
@@ -30,7 +39,7 @@ class StepRecord:
     device_scalars: list[str]  # names of the values in the copy's "scalars"
     kinds: list[str]  # per reduction
     names: list[list[str]]  # per reduction, its rows
-    dead_undefined: np.ndarray  # per row: dead_units is not a dead-unit count
+    roles: np.ndarray  # per row, the module role of an activation (None for parameters)
     copy: HostCopy
 
     @classmethod
@@ -56,7 +65,7 @@ class StepRecord:
             device_scalars=list(device_scalars),
             kinds=[r.kind for r in reductions],
             names=[r.names for r in reductions],
-            dead_undefined=np.array([u for r in reductions for u in r.dead_undefined], dtype=bool),
+            roles=np.array([role for r in reductions for role in r.roles], dtype=object),
             copy=HostCopy(tensors),
         )
 
@@ -94,10 +103,15 @@ class StepRecord:
     def layer_columns(self) -> dict[str, Any]:
         """``layers`` rows: one per recorded tensor."""
         moments, counts = self._stacked("moments"), self._stacked("counts")
-        counts[self.dead_undefined, _DEAD] = 0
         cols = self._rows()
         cols.update({k: counts[:, j] for j, k in enumerate(COUNT_KEYS)})
         cols.update({k: moments[:, j] for j, k in enumerate(MOMENT_KEYS)})
+        # A count is written only where it measures something, null elsewhere: "0 dead"
+        # on a Linear layer, or "saturated" logits, would read as findings.
+        measured = {role: self.roles == role for role in MEASURES}
+        for column, (source, roles) in MEASURED_COLUMNS.items():
+            valid = np.logical_or.reduce([measured[r] for r in roles])
+            cols[column] = np.ma.array(counts[:, COUNT_KEYS.index(source)], mask=~valid)
         return cols
 
     def hist_columns(self) -> dict[str, Any]:

@@ -21,8 +21,9 @@ class Reduction:
     moments: torch.Tensor
     counts: torch.Tensor
     hist: torch.Tensor
-    # Rows whose "never positive" count is no dead-unit count (see HookSpec.counts_dead).
-    dead_undefined: list[bool] = field(default_factory=list)
+    # Per row, the module role of an activation (collect.selection.Role; None for
+    # parameters): it says which counts measure something (record.py).
+    roles: list[str | None] = field(default_factory=list)
 
 
 class StepReductions:
@@ -41,12 +42,12 @@ class StepReductions:
         tensors: Sequence[torch.Tensor],
         dims: Sequence[int | None] | None = None,
         thresholds: Sequence[float | None] | None = None,
-        dead_undefined: Sequence[bool] | None = None,
+        roles: Sequence[str | None] | None = None,
     ) -> list[Reduction]:
         """One fused engine call per device (parameters may live on several)."""
         dims = dims or [None] * len(tensors)
         thresholds = thresholds or [None] * len(tensors)
-        dead_undefined = dead_undefined or [False] * len(tensors)
+        roles = roles or [None] * len(tensors)
         by_device: dict[int, list[int]] = {}  # by get_device(): -1 is the CPU
         for i, t in enumerate(tensors):
             by_device.setdefault(t.get_device(), []).append(i)
@@ -58,9 +59,7 @@ class StepReductions:
                 saturation=[thresholds[i] for i in idx],
             )
             names_ = [names[i] for i in idx]
-            out.append(
-                Reduction(kind, names_, moments, counts, hist, [dead_undefined[i] for i in idx])
-            )
+            out.append(Reduction(kind, names_, moments, counts, hist, [roles[i] for i in idx]))
         return out
 
     def add(self, reductions: list[Reduction]) -> None:

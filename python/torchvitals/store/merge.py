@@ -8,7 +8,7 @@ during training. What is merged:
   name; the manifests list, per parameter, the ranks that record a shard
   (``distributed.sharded[name].recorded_by``). The shards' rows of one step combine
   exactly into one row of the whole parameter, with ``rank = MERGED_RANK`` (-1, "all
-  ranks"): ``numel, nan, inf, zeros, saturated, units, dead_units, saturated_units,
+  ranks"): ``numel, nan, inf, zeros, saturated, units, dead_units, saturated_units, large,
   sum, sumsq`` add, ``max_abs`` is the max, histogram ``counts`` add. So the merged
   norm ``sqrt(sumsq)`` is the norm of the full gradient.
 - **Everything else stays per rank**: activations and activation gradients (each rank
@@ -36,9 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 from torchvitals.engine.derived import norm
-from torchvitals.store.schema import SCHEMAS, dictionary_codes, empty_table
+from torchvitals.store.schema import LAYER_STATS, SCHEMAS, dictionary_codes, empty_table
 
 __all__ = [
     "MERGED_RANK",
@@ -247,7 +246,7 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
             "kind": _labels(kind_labels, kind_codes[order][starts]),
         }
         if name == "layers":
-            for key in (*COUNT_KEYS, *MOMENT_KEYS):
+            for key in LAYER_STATS:
                 ufunc = np.maximum if key == "max_abs" else np.add
                 cols[key] = _group_reduce(shards.column(key), order, starts, ufunc)
         else:

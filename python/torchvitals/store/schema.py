@@ -8,6 +8,10 @@ Versioning: ``SCHEMA_VERSION`` is an integer bumped on *any* change to a table
 (column added, removed, retyped) or to the meaning of a manifest key. Readers
 accept runs with ``schema_version <= SCHEMA_VERSION`` (columns a run lacks are
 read back as nulls) and refuse newer runs with a clear error.
+
+History: 2 added ``layers.large`` and writes ``dead_units``, ``saturated`` and
+``saturated_units`` as null where the module does not measure them (version 1 wrote 0,
+and counted |x| >= 6 on linear layers as ``saturated``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ __all__ = [
     "HIST",
     "HOOK_TIME_SCALAR",
     "LAYERS",
+    "LAYER_STATS",
     "REQUIRED",
     "SCALARS",
     "SCHEMAS",
@@ -35,7 +40,7 @@ __all__ = [
 ]
 
 #: Version of the on-disk layout (tables, columns, manifest keys).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Dictionary-encoded string, used for low-cardinality labels (names, layers, kinds).
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
@@ -70,7 +75,9 @@ SCALARS = pa.schema(
 LAYERS = pa.schema(
     [_STEP, _RANK, _LAYER, _KIND]
     + [pa.field(c, pa.int64()) for c in COUNT_KEYS]
-    + [pa.field(c, pa.float64()) for c in MOMENT_KEYS],
+    + [pa.field(c, pa.float64()) for c in MOMENT_KEYS]
+    # Elements with |x| >= 6 in a linear layer's or norm's output (schema version 2).
+    + [pa.field("large", pa.int64())],
     metadata=_meta("layers"),
 )
 
@@ -79,6 +86,10 @@ HIST = pa.schema(
     [_STEP, _RANK, _LAYER, _KIND, pa.field("counts", pa.list_(pa.int64()))],
     metadata=_meta("hist"),
 )
+
+#: The statistic columns of ``layers``: what the shards of one parameter combine
+#: (``max_abs`` by maximum, every other one by sum).
+LAYER_STATS: tuple[str, ...] = (*COUNT_KEYS, *MOMENT_KEYS, "large")
 
 SCHEMAS: dict[str, pa.Schema] = {"scalars": SCALARS, "layers": LAYERS, "hist": HIST}
 TABLES: tuple[str, ...] = tuple(SCHEMAS)

@@ -92,7 +92,9 @@ class TableBuilder:
                         continue
                     v = [x if isinstance(x, str) else str(x) for x in v]
                 else:
-                    v = np.asarray(v, dtype=kind)
+                    # A masked array keeps its mask: masked entries are written as nulls.
+                    masked = isinstance(v, np.ma.MaskedArray)
+                    v = v.astype(kind) if masked else np.asarray(v, dtype=kind)
                     if v.ndim == 0:
                         values[k] = v.item()
                         continue
@@ -181,7 +183,12 @@ class TableBuilder:
             elif self.kinds[field.name] is not _STR and all(
                 isinstance(p, np.ndarray) for p in parts
             ):
-                arrays.append(pa.array(np.concatenate(parts), type=t))
+                concatenate = (
+                    np.ma.concatenate
+                    if any(isinstance(p, np.ma.MaskedArray) for p in parts)
+                    else np.concatenate
+                )
+                arrays.append(pa.array(concatenate(parts), type=t))
             else:
                 flat_list: list[Any] = []
                 for p in parts:
