@@ -16,8 +16,8 @@ one row per parameter (``rank = -1``) and keeps every other row per rank;
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,96 +27,145 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .layout import MANIFEST_RE, SEGMENT_RE
+from .integrity import Damage, read_stream
+from .layout import (
+    NotRegularFileError,
+    looks_like_run_file,
+    parse_manifest_name,
+    parse_segment_name,
+    read_regular_file,
+)
+from .manifest_check import (
+    MAX_MANIFEST_BYTES,
+    ManifestError,
+    SchemaVersionError,
+    check_manifest,
+    newer_message,
+)
 from .merge import concat_ranks, merge_ranks
-from .schema import SCHEMA_VERSION, SCHEMAS, conform, empty_table
+from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform, empty_table
 
-__all__ = ["MergeFn", "Run", "SchemaVersionError", "SegmentRecovery", "concat_ranks", "load_run"]
+__all__ = [
+    "Damage",
+    "ManifestError",
+    "MergeFn",
+    "Run",
+    "SchemaVersionError",
+    "SegmentRecovery",
+    "concat_ranks",
+    "load_run",
+]
 
 
 #: ``merge(table_name, {rank: table}, {rank: manifest}) -> table``
 MergeFn = Callable[[str, Mapping[int, pa.Table], Mapping[int, dict]], pa.Table]
 
-
-class SchemaVersionError(ValueError):
-    """The run was written by a newer torchvitals schema than this reader knows."""
+#: Segments larger than this are not read (the writer rotates at 256 MiB by default).
+MAX_SEGMENT_BYTES = 16 << 30
 
 
 @dataclass(frozen=True)
 class SegmentRecovery:
-    """A segment that could not be read to its end (truncated by a crash, or corrupted)."""
+    """A segment that could not be read whole (truncated by a crash, or damaged)."""
 
     file: str  #: path of the segment
     table: str
     rank: int
-    batches: int  #: complete record batches recovered (and included in the run)
+    batches: int  #: intact record batches recovered (and included in the run)
     rows: int  #: rows in those batches
-    error: str  #: what stopped the reader
+    error: str  #: what stopped the reader first
+    #: every part not read: ``Damage(offset, rows, error)``; ``rows`` is None when unknown
+    damage: tuple[Damage, ...] = ()
+
+    @property
+    def rows_lost(self) -> int | None:
+        """Rows in the batches skipped; None when some skipped part's size is unknown."""
+        rows = [d.rows for d in self.damage]
+        return None if any(r is None for r in rows) else sum(rows)
+
+    def describe(self) -> str:
+        parts = []
+        for d in self.damage[:4]:
+            lost = "unknown rows" if d.rows is None else f"{d.rows} row(s)"
+            parts.append(f"at byte {d.offset}: {lost} lost ({d.error})")
+        more = f"; and {len(self.damage) - 4} more" if len(self.damage) > 4 else ""
+        return "; ".join(parts) + more
 
 
-def _newer_message(path: Path, version: int) -> str:
-    return (
-        f"{path}: written with torchvitals schema version {version}, newer than the newest "
-        f"version this torchvitals can read ({SCHEMA_VERSION}); upgrade torchvitals to read it"
-    )
-
-
-def _read_manifest(path: Path) -> dict:
+def _read_manifest(path: Path, rank: int) -> tuple[dict, list[str]]:
     try:
-        text = path.read_text(encoding="utf-8")
-        obj = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a valid torchvitals manifest (not JSON: {exc})") from exc
-    if not isinstance(obj, dict):
-        raise ValueError(
-            f"{path}: not a valid torchvitals manifest "
-            f"(expected a JSON object, got {type(obj).__name__})"
-        )
-    version = obj.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(
-            f"{path}: not a valid torchvitals manifest (schema_version missing or not an integer)"
-        )
-    if version > SCHEMA_VERSION:
-        raise SchemaVersionError(_newer_message(path, version))
-    return obj
+        text = read_regular_file(path, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ManifestError(f"{path}: not a readable torchvitals manifest ({why})") from exc
+    return check_manifest(text, path, rank)
 
 
-def _read_segment(path: Path, table: str, rank: int) -> tuple[pa.Table, SegmentRecovery | None]:
-    """All complete record batches of one stream segment, conformed to the current schema."""
-    batches: list[pa.RecordBatch] = []
-    error: str | None = None
-    schema: pa.Schema | None = None
+def _types_match(table: str, schema: pa.Schema) -> str | None:
+    """Why an unverified segment's schema cannot be trusted, or None."""
+    expected = SCHEMAS[table]
+    for f in schema:
+        i = expected.get_field_index(f.name)
+        if i >= 0 and not f.type.equals(expected.field(i).type):
+            return f"column {f.name!r} has type {f.type}, expected {expected.field(i).type}"
+    return None
+
+
+def _read_segment(
+    path: Path, table: str, rank: int
+) -> tuple[pa.Table, SegmentRecovery | None, tuple]:
+    """Every intact record batch of one stream segment, conformed to the current schema;
+    the damage, if any; and the segment's fingerprint (to refuse duplicated segments)."""
     try:
-        with pa.OSFile(str(path), "rb") as f:
-            reader = pa.ipc.open_stream(f)
-            schema = reader.schema
-            meta = schema.metadata or {}
-            v = meta.get(b"torchvitals.schema_version")
-            if v is not None and v.isdigit() and int(v) > SCHEMA_VERSION:
-                raise SchemaVersionError(_newer_message(path, int(v)))
-            while True:
-                try:
-                    batches.append(reader.read_next_batch())
-                except StopIteration:
-                    break
-    except SchemaVersionError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        data = read_regular_file(path, MAX_SEGMENT_BYTES)
+    except (OSError, ValueError) as exc:
+        why = (
+            exc.strerror if isinstance(exc, NotRegularFileError) else f"{type(exc).__name__}: {exc}"
+        )
+        damage = (Damage(0, None, f"not read: {why}"),)
+        return empty_table(table), SegmentRecovery(str(path), table, rank, 0, 0, why, damage), ()
+    contents = read_stream(data)
+    damage = list(contents.damage)
+    schema = contents.schema
+    batches = contents.batches
+    if schema is not None:
+        meta = schema.metadata or {}
+        v = meta.get(b"torchvitals.schema_version")
+        if v is not None and v.isdigit() and int(v) > SCHEMA_VERSION:
+            raise SchemaVersionError(newer_message(path, int(v)))
+        named = meta.get(b"torchvitals.table")
+        why = None
+        if named is not None and named != table.encode():
+            why = f"the segment holds table {named.decode('utf-8', 'replace')!r}, not {table!r}"
+        elif not contents.checksummed:
+            why = _types_match(table, schema)
+        if why is not None and batches:
+            damage += [Damage(0, b.num_rows, why) for b in batches]
+            batches = []
     table_data = empty_table(table)
     if batches:
         try:
             table_data = conform(table, pa.Table.from_batches(batches, schema=schema))
-        except ValueError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            for name in (*REQUIRED[table], "rank"):
+                if table_data.column(name).null_count:
+                    raise ValueError(f"required column {name!r} holds nulls")
+        except (ValueError, pa.ArrowException) as exc:
+            damage += [Damage(0, b.num_rows, f"{type(exc).__name__}: {exc}") for b in batches]
             batches = []
-    if error is None:
-        return table_data, None
+            table_data = empty_table(table)
+    fingerprint = (table, rank, len(data), tuple(contents.checksums)) if batches else ()
+    if not damage:
+        return table_data, None, fingerprint
     rec = SegmentRecovery(
-        str(path), table, rank, len(batches), table_data.num_rows if batches else 0, error
+        str(path),
+        table,
+        rank,
+        len(batches),
+        table_data.num_rows if batches else 0,
+        damage[0].error,
+        tuple(damage),
     )
-    return table_data, rec
+    return table_data, rec, fingerprint
 
 
 class Run:
@@ -129,6 +178,7 @@ class Run:
         tables: dict[str, pa.Table],
         per_rank: dict[str, dict[int, pa.Table]],
         recovery: list[SegmentRecovery],
+        problems: list[str] | None = None,
     ):
         self.path = path
         self.manifests = manifests  #: ``{rank: manifest}``
@@ -137,6 +187,9 @@ class Run:
         self.tables = tables  #: ``{table name: pa.Table}``
         self.per_rank = per_rank  #: ``{table name: {rank: pa.Table}}`` before merging
         self.recovery = recovery  #: segments that were truncated or corrupted
+        #: every problem load_run warned about (damaged segments, ignored or duplicated
+        #: files, manifests that do not match their checksum or the rows on disk)
+        self.problems = problems if problems is not None else []
 
     # tables ------------------------------------------------------------------
     @property
@@ -198,45 +251,93 @@ class Run:
         return f"Run({str(self.path)!r}, ranks={self.ranks}, {rows}, closed={self.closed})"
 
 
+def _warn(problems: list[str], message: str) -> None:
+    problems.append(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> Run:
     """Load a run directory written by :class:`torchvitals.store.writer.RunWriter`.
 
     ``merge`` combines the per-rank tables of each table name (default
     :func:`torchvitals.store.merge.merge_ranks`). Raises ``FileNotFoundError`` (no directory / no
-    manifest), ``ValueError`` (unreadable manifest) or ``SchemaVersionError``
-    (a ``ValueError``: the run is newer than this reader). Truncated or corrupted
-    segments are read up to their last complete record batch, recorded in
-    ``Run.recovery`` and reported with a warning.
+    manifest), :class:`ManifestError` (a ``ValueError`` naming the file: a manifest that
+    is not a regular file, not JSON, or outside the limits of ``manifest_check.py``) or
+    ``SchemaVersionError`` (a ``ValueError``: the run is newer than this reader).
+
+    Every record batch is validated (``validate(full=True)`` and its checksum) before it
+    is used; a damaged one is skipped. Damaged or truncated segments are recorded in
+    ``Run.recovery`` (file, byte offset, rows lost) and warned about; so are files that
+    look like copies (``scalars.rank0.0.arrows``), duplicated segments (refused), and
+    tables whose rows differ from the closing manifest's ``rows_written``
+    (``Run.problems`` lists every warning).
     """
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"torchvitals run directory not found: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"not a torchvitals run directory (not a directory): {root}")
+    problems: list[str] = []
     manifests: dict[int, dict] = {}
     segments: list[tuple[str, int, int, Path]] = []
-    for entry in sorted(root.iterdir()):
-        m = MANIFEST_RE.match(entry.name)
-        if m:
-            manifests[int(m["rank"])] = _read_manifest(entry)
+    for name in sorted(os.listdir(root)):
+        entry = root / name
+        rank = parse_manifest_name(name)
+        if rank is not None:
+            manifest, found = _read_manifest(entry, rank)
+            manifests[rank] = manifest
+            for message in found:
+                _warn(problems, message)
             continue
-        m = SEGMENT_RE.match(entry.name)
-        if m and m["table"] in SCHEMAS and entry.is_file():
-            segments.append((m["table"], int(m["rank"]), int(m["seg"]), entry))
+        parsed = parse_segment_name(name)
+        if parsed is not None and parsed[0] in SCHEMAS:
+            segments.append((*parsed, entry))
+        elif looks_like_run_file(name):
+            _warn(
+                problems,
+                f"torchvitals: ignored {entry}: not an exact torchvitals file name (a copy or "
+                "a renamed file?); files are named manifest.rank{R}.json and "
+                "{table}.rank{R}.{seg:06d}.arrows",
+            )
     if not manifests:
         raise FileNotFoundError(f"not a torchvitals run directory (no manifest.rank*.json): {root}")
 
     recovery: list[SegmentRecovery] = []
     parts: dict[str, dict[int, list[pa.Table]]] = {t: {} for t in SCHEMAS}
+    seen_files: dict[tuple[int, int], Path] = {}
+    seen_content: dict[tuple, Path] = {}
     for table, rank, _seg, file in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
-        data, rec = _read_segment(file, table, rank)
+        try:
+            st = os.stat(file)
+            identity = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+        except OSError:
+            identity = None
+        if identity is not None and identity in seen_files:
+            _warn(
+                problems,
+                f"torchvitals: refused {file}: it is the same file as {seen_files[identity]} "
+                "(a link); its rows are read once",
+            )
+            continue
+        data, rec, fingerprint = _read_segment(file, table, rank)
+        if fingerprint and fingerprint in seen_content:
+            _warn(
+                problems,
+                f"torchvitals: refused {file}: a copy of {seen_content[fingerprint]} (the "
+                "same record batches); its rows are read once",
+            )
+            continue
+        if identity is not None:
+            seen_files[identity] = file
+        if fingerprint:
+            seen_content[fingerprint] = file
         if rec is not None:
             recovery.append(rec)
-            warnings.warn(
+            _warn(
+                problems,
                 f"torchvitals: segment {file} is truncated or corrupted ({rec.error}); "
-                f"recovered {rec.batches} complete record batch(es), {rec.rows} row(s)",
-                RuntimeWarning,
-                stacklevel=2,
+                f"recovered {rec.batches} complete record batch(es), {rec.rows} row(s); "
+                f"{rec.describe()}",
             )
         parts[table].setdefault(rank, []).append(data)
 
@@ -244,6 +345,36 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
         t: {r: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for r, ts in ranks.items()}
         for t, ranks in parts.items()
     }
+    _check_counts(root, manifests, per_rank, problems)
     merge_fn = merge or merge_ranks
     tables = {t: merge_fn(t, per_rank[t], manifests) for t in SCHEMAS}
-    return Run(root, manifests, tables, per_rank, recovery)
+    return Run(root, manifests, tables, per_rank, recovery, problems)
+
+
+def _check_counts(
+    root: Path,
+    manifests: Mapping[int, dict],
+    per_rank: Mapping[str, Mapping[int, pa.Table]],
+    problems: list[str],
+) -> None:
+    """A closed manifest says how many rows each table has on disk: say so when the
+    rows read differ (lost to damage, or files added)."""
+    for rank, manifest in sorted(manifests.items()):
+        written = manifest.get("rows_written")
+        if "closed_at" not in manifest or not isinstance(written, dict):
+            continue
+        for table in SCHEMAS:
+            expected = written.get(table, 0)
+            got = per_rank[table][rank].num_rows if rank in per_rank[table] else 0
+            if got < expected:
+                _warn(
+                    problems,
+                    f"torchvitals: {table} of rank {rank} in {root}: {expected - got} of the "
+                    f"{expected} row(s) the manifest says were written are missing",
+                )
+            elif got > expected:
+                _warn(
+                    problems,
+                    f"torchvitals: {table} of rank {rank} in {root}: {got} row(s) read, more "
+                    f"than the {expected} the manifest says were written (files added?)",
+                )

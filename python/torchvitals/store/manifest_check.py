@@ -1,0 +1,151 @@
+"""What a manifest read from disk must look like before anything uses it.
+
+:func:`check_manifest` takes the JSON text of ``manifest.rank{R}.json`` and returns the
+object, or raises :class:`ManifestError` (a ``ValueError``) naming the file and the key
+at fault. Only the keys the reader and the merge use are constrained, with limits, so
+that no number in a manifest can size an allocation or a loop (a rank below
+``MAX_RANKS``, a world size up to it, bounded lists); every other key is kept as given.
+A manifest whose own checksum (``checksum``) does not match is returned with a problem
+to warn about: its data may still be right, but a key may have been edited or damaged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .layout import MANIFEST_CHECKSUM_KEY, MAX_RANKS, manifest_checksum
+from .schema import SCHEMA_VERSION, SCHEMAS
+
+__all__ = ["MAX_MANIFEST_BYTES", "ManifestError", "SchemaVersionError", "check_manifest"]
+
+#: A manifest larger than this is refused (the layer table of a 100,000-module model is
+#: a few tens of MiB).
+MAX_MANIFEST_BYTES = 256 << 20
+#: At most this many sharded parameters in a manifest.
+MAX_SHARDED = 1 << 20
+
+
+class ManifestError(ValueError):
+    """A manifest that is not one torchvitals can read: the message names the file."""
+
+
+class SchemaVersionError(ValueError):
+    """The run was written by a newer torchvitals schema than this reader knows."""
+
+
+def newer_message(path: object, version: int) -> str:
+    return (
+        f"{path}: written with torchvitals schema version {version}, newer than the newest "
+        f"version this torchvitals can read ({SCHEMA_VERSION}); upgrade torchvitals to read it"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(path: object, what: str) -> ManifestError:
+    return ManifestError(f"{path}: not a valid torchvitals manifest ({what})")
+
+
+def _count(path: object, obj: dict, key: str) -> None:
+    value = obj.get(key)
+    if value is not None and not (_is_int(value) and value >= 0):
+        raise _fail(path, f"{key!r} must be a non-negative integer, got {value!r:.60}")
+
+
+def _distributed(path: object, dist: Any, world: int | None) -> None:
+    if dist is None:
+        return
+    if not isinstance(dist, dict):
+        raise _fail(path, f"'distributed' must be an object, got {type(dist).__name__}")
+    grads_on = dist.get("grads_on")
+    if grads_on is not None and not isinstance(grads_on, str):
+        raise _fail(path, f"'distributed.grads_on' must be a string, got {grads_on!r:.60}")
+    sharded = dist.get("sharded")
+    if sharded is None:
+        return
+    if not isinstance(sharded, dict):
+        raise _fail(path, f"'distributed.sharded' must be an object, got {type(sharded).__name__}")
+    if len(sharded) > MAX_SHARDED:
+        raise _fail(
+            path, f"'distributed.sharded' has {len(sharded)} entries (at most {MAX_SHARDED})"
+        )
+    limit = world if world is not None else MAX_RANKS
+    for name, entry in sharded.items():
+        where = f"'distributed.sharded[{name!r:.80}]'"
+        if not isinstance(entry, dict):
+            raise _fail(path, f"{where} must be an object, got {type(entry).__name__}")
+        ranks = entry.get("recorded_by")
+        if ranks is None:
+            continue
+        if not isinstance(ranks, list) or len(ranks) > limit:
+            raise _fail(path, f"{where}.recorded_by must be a list of at most {limit} ranks")
+        for r in ranks:
+            if not (_is_int(r) and 0 <= r < limit):
+                raise _fail(
+                    path, f"{where}.recorded_by holds {r!r:.40}, not a rank in [0, {limit})"
+                )
+
+
+def check_manifest(text: bytes, path: object, rank: int) -> tuple[dict, list[str]]:
+    """The manifest in ``text`` (the file ``path`` of rank ``rank``) and its problems to
+    warn about; raises :class:`ManifestError` or :class:`SchemaVersionError`."""
+    try:
+        obj = json.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _fail(path, f"not JSON: not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise _fail(path, "not JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and integers too long to convert
+        raise _fail(path, f"not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _fail(path, f"expected a JSON object, got {type(obj).__name__}")
+    version = obj.get("schema_version")
+    if not _is_int(version) or version < 1:
+        raise _fail(path, "schema_version missing or not a positive integer")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(newer_message(path, version))
+    own = obj.get("rank", rank)
+    if not _is_int(own) or own != rank:
+        raise _fail(path, f"'rank' is {own!r:.40} but the file name says rank {rank}")
+    world = obj.get("world_size")
+    if world is not None and not (_is_int(world) and 1 <= world <= MAX_RANKS):
+        raise _fail(path, f"'world_size' must be an integer in [1, {MAX_RANKS}], got {world!r:.40}")
+    if world is not None and rank >= world:
+        raise _fail(path, f"rank {rank} is not below 'world_size' {world}")
+    _distributed(path, obj.get("distributed"), world)
+    closed = obj.get("closed_at")
+    if closed is not None and not isinstance(closed, str):
+        raise _fail(path, f"'closed_at' must be a string, got {closed!r:.40}")
+    for key in ("dropped_batches", "write_errors", "write_retries", "run_dir_lost"):
+        _count(path, obj, key)
+    for key in ("rows_written", "rows_lost"):
+        rows = obj.get(key)
+        if rows is None:
+            continue
+        if not isinstance(rows, dict) or not all(
+            isinstance(t, str) and _is_int(n) and n >= 0 for t, n in rows.items()
+        ):
+            raise _fail(path, f"{key!r} must map table names to non-negative integers")
+        unknown = sorted(set(rows) - set(SCHEMAS))
+        if unknown:
+            raise _fail(path, f"{key!r} names unknown table(s) {unknown}")
+    problems = []
+    written = obj.get(MANIFEST_CHECKSUM_KEY)
+    if written is None:
+        # Manifests written before checksums have none; one whose key was damaged still
+        # has the value somewhere.
+        stray = [k for k, v in obj.items() if isinstance(v, str) and v.startswith("crc32:")]
+        if stray:
+            problems.append(
+                f"torchvitals: manifest {path} has a checksum under the key {stray[0]!r:.40} "
+                f"instead of {MANIFEST_CHECKSUM_KEY!r}: it was damaged; its keys may be wrong"
+            )
+    elif written != manifest_checksum(obj):
+        problems.append(
+            f"torchvitals: manifest {path} does not match its checksum ({written!s:.40}): it "
+            "was edited or damaged after it was written; its keys may be wrong"
+        )
+    return obj, problems
