@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from torchvitals.store.layout import manifest_checksum
 from torchvitals.store.manifest import ManifestFile
 from torchvitals.store.schema import SCHEMA_VERSION
 
@@ -25,6 +26,7 @@ def test_start_and_closed_manifest(tmp_path):
     assert m.path == str(tmp_path / "manifest.rank3.json")
     m.write_start()
     start = read(m.path)
+    assert start.pop("checksum") == manifest_checksum(start)  # of everything else
     assert start == {
         "config": {"lr": 0.5},
         "rank": 3,  # the writer's rank wins
@@ -34,10 +36,15 @@ def test_start_and_closed_manifest(tmp_path):
     }
     m.write_closed(dropped=2, write_errors=1, rows_written={"scalars": 5})
     closed = read(m.path)
-    assert {k: closed.pop(k) for k in ("dropped_batches", "write_errors", "rows_written")} == {
+    assert closed.pop("checksum") == manifest_checksum(closed)
+    keys = ("dropped_batches", "write_errors", "rows_written", "rows_lost", "write_retries")
+    assert {k: closed.pop(k) for k in (*keys, "run_dir_lost")} == {
         "dropped_batches": 2,
         "write_errors": 1,
         "rows_written": {"scalars": 5},
+        "rows_lost": {},
+        "write_retries": 0,
+        "run_dir_lost": 0,
     }
     assert isinstance(closed.pop("closed_at"), str) and closed == start
 
@@ -46,3 +53,21 @@ def test_started_at_defaults_to_now(tmp_path):
     m = ManifestFile(str(tmp_path), 0, {}, settings={})
     m.write_start()
     assert read(m.path)["started_at"].endswith("+00:00")
+
+
+def test_manifest_never_written_through_a_link(tmp_path):
+    target = tmp_path / "elsewhere.json"
+    target.write_text("precious")
+    (tmp_path / "manifest.rank0.json").symlink_to(target)
+    m = ManifestFile(str(tmp_path), 0, {}, settings={})
+    try:
+        m.write_start()
+    except OSError as exc:
+        assert "symbolic link" in str(exc) and "manifest.rank0.json" in str(exc)
+    else:
+        raise AssertionError("wrote through a symbolic link")
+    assert target.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("writer.")) == [
+        "elsewhere.json",
+        "manifest.rank0.json",
+    ]  # no temporary file left behind

@@ -118,7 +118,7 @@ def test_close_all_reports_each_failure(tmp_path, monkeypatch, abandon_on_error)
 
     def close(self):
         if "scalars" in self.path:
-            self.file.close()
+            self.release()
             raise OSError(errno.ENOSPC, "No space left on device")
         original(self)
 
@@ -137,6 +137,48 @@ def test_close_all_reports_each_failure(tmp_path, monkeypatch, abandon_on_error)
     assert errors == [(errno.ENOSPC, "scalars.rank0.000000.arrows")]
     ends = {n.split(".")[0]: (tmp_path / n).read_bytes().endswith(EOS) for n in files(tmp_path)}
     assert ends == {"scalars": False, "layers": not abandon_on_error, "hist": not abandon_on_error}
+
+
+def test_a_failed_write_is_taken_back_and_the_next_segment_opened(tmp_path, monkeypatch):
+    """A full disk in the middle of a batch: the file ends at its last complete batch, no
+    batch is half written, and writing goes on in the next segment."""
+    segs = SegmentFiles(str(tmp_path), 0, 1 << 20)
+    segs.write("scalars", batch(step=0, n=2))
+    size = os.path.getsize(tmp_path / "scalars.rank0.000000.arrows")
+    real_write = os.write
+
+    def half_then_enospc(fd, data):
+        if len(data) > 64:
+            real_write(fd, bytes(data[:64]))  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(segments_module.os, "write", half_then_enospc, raising=True)
+    monkeypatch.setattr("torchvitals.store.layout.os.write", half_then_enospc)
+    with pytest.raises(OSError, match="No space left"):
+        segs.write("scalars", batch(step=1, n=3))
+    monkeypatch.undo()
+    assert os.path.getsize(tmp_path / "scalars.rank0.000000.arrows") == size  # taken back
+    assert rows(str(tmp_path / "scalars.rank0.000000.arrows")) == 2
+    segs.write("scalars", batch(step=2, n=4))  # space is back: the next segment
+    segs.close_all(on_error=pytest.fail)
+    assert files(tmp_path) == ["scalars.rank0.000000.arrows", "scalars.rank0.000001.arrows"]
+    assert rows(str(tmp_path / "scalars.rank0.000001.arrows")) == 4
+    assert segs.rows_written["scalars"] == 6
+
+
+def test_a_link_in_the_way_is_never_written_through(tmp_path):
+    target = tmp_path / "target"
+    target.write_bytes(b"precious")
+    (tmp_path / "scalars.rank0.000000.arrows").symlink_to(target)
+    taken = []
+    segs = SegmentFiles(str(tmp_path), 0, 1 << 20, on_taken=lambda e, p: taken.append((e, p)))
+    segs.write("scalars", batch(n=2))
+    segs.close_all(on_error=pytest.fail)
+    assert target.read_bytes() == b"precious"
+    ((exc, path),) = taken
+    assert path.endswith("scalars.rank0.000000.arrows") and "symbolic link" in str(exc)
+    assert rows(str(tmp_path / "scalars.rank0.000001.arrows")) == 2
 
 
 def _hist_batch():

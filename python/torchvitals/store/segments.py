@@ -3,6 +3,14 @@
 A table's rows are appended to ``{table}.rank{R}.{seg:06d}.arrows``; once that file
 is larger than ``segment_bytes`` it is closed and the next write opens ``seg + 1``.
 Only the writer thread uses a :class:`SegmentFiles`.
+
+Each record batch is produced by the Arrow stream writer into memory, sealed with its
+checksum (:class:`torchvitals.store.integrity.Sealer`) and appended to the file with
+plain ``write`` calls, so it is with the operating system as soon as ``write`` returns
+(a SIGKILL loses nothing written). A write that fails (a full disk) is taken back: the
+file is cut to its last complete batch and closed, and the next write opens the next
+segment, so a segment never holds half a batch or a batch whose dictionaries are missing.
+Files are created exclusively, never through a link (:mod:`torchvitals.store.rundir`).
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
-from .layout import SEGMENT_RE, segment_name
+from .integrity import Sealer, checksum_metadata, with_checksum_flag
+from .layout import parse_segment_name, segment_name, write_all
+from .rundir import RunDirectory
 from .schema import SCHEMAS
 
 __all__ = ["SegmentFiles"]
@@ -21,47 +31,133 @@ __all__ = ["SegmentFiles"]
 #: ``on_error(exc, path)``: what to do when closing or flushing the segment at ``path`` failed.
 OnError = Callable[[BaseException, str], None]
 
+_BATCH_METADATA = checksum_metadata()
+_SCHEMAS = {t: with_checksum_flag(s) for t, s in SCHEMAS.items()}
+#: How many taken names (a file or link already there) a new segment skips before failing.
+_NAME_ATTEMPTS = 16
 
-class _Segment:
-    """One stream file: the file object and the Arrow stream writer on top of it."""
 
-    __slots__ = ("file", "path", "writer")
+class _Capture:
+    """The byte sink of an Arrow stream writer: what it writes is collected in memory."""
 
-    def __init__(self, path: str, schema: pa.Schema):
-        self.path = path
-        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        try:
-            self.writer = pa.ipc.new_stream(self.file, schema)
-        except BaseException:
-            self.file.close()
-            raise
+    closed = False
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+class _Segment:
+    """One stream file: its descriptor, the Arrow stream writer, what is on disk."""
+
+    __slots__ = ("_capture", "_sealer", "fd", "identity", "name", "path", "rows", "size", "writer")
+
+    def __init__(self, directory: RunDirectory, name: str, schema: pa.Schema):
+        self.name = name
+        self.path = os.path.join(directory.path, name)
+        self.fd = directory.create(name)
+        st = os.fstat(self.fd)
+        self.identity = (st.st_dev, st.st_ino)
+        self.size = 0  # bytes on disk: whole messages only
+        self.rows = 0
+        self._capture = _Capture()
+        self._sealer = Sealer()
+        self.writer = pa.ipc.new_stream(self._capture, schema)
+
+    def _append(self, data: bytes) -> None:
         try:
-            self.writer.close()  # end-of-stream marker
-            self.file.flush()
+            write_all(self.fd, data)
+        except OSError:
+            # Take back a partial write: the file ends with its last complete message.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+            raise
+        self.size += len(data)
+
+    def append(self, batch: pa.RecordBatch) -> None:
+        self.writer.write_batch(batch, custom_metadata=_BATCH_METADATA)
+        self._append(self._sealer.seal(self._capture.take(), batch))
+        self.rows += batch.num_rows
+
+    def deleted(self) -> bool:
+        """Whether the file was removed (unlinked) while open."""
+        try:
+            return os.fstat(self.fd).st_nlink == 0
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        """Write the end-of-stream marker and close the file."""
+        try:
+            self.writer.close()
+            self._append(self._capture.take())
         finally:
-            self.file.close()
+            self.release()
+
+    def release(self) -> None:
+        """Close the file as it is (no end-of-stream marker: it ends at a batch boundary)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
 
 
 class SegmentFiles:
-    """Appends record batches to the segments of one rank, one open segment per table."""
+    """Appends record batches to the segments of one rank, one open segment per table.
 
-    def __init__(self, path: str, rank: int, segment_bytes: int):
+    ``rows_written`` counts the rows of complete batches in files of the current run
+    directory; rows in files that disappeared are moved to ``rows_lost`` (:meth:`verify`).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        rank: int,
+        segment_bytes: int,
+        directory: RunDirectory | None = None,
+        on_taken: OnError | None = None,
+    ):
         self.path = path
+        #: ``on_taken(exc, path)``: a new segment's name was taken (a link or a file in the
+        #: way): it is never written through, and the segment takes the next number.
+        self.on_taken = on_taken
         self.rank = rank
         self.segment_bytes = segment_bytes
+        self.directory = directory if directory is not None else RunDirectory(path, rank)
         self.rows_written: dict[str, int] = {t: 0 for t in SCHEMAS}
+        self.rows_lost: dict[str, int] = {t: 0 for t in SCHEMAS}
         self._open: dict[str, _Segment] = {}
         self._next: dict[str, int] = {}  # number of the next segment to open, per table
+        # closed segments: (table, name, (st_dev, st_ino), rows)
+        self._done: list[tuple[str, str, tuple[int, int], int]] = []
+
+    def _names(self) -> list[str]:
+        if self.directory.fd is not None:
+            return self.directory.names()
+        return os.listdir(self.path)
 
     def number_after_existing(self) -> None:
         """Number new segments after those a previous process left in ``path``: never overwrite."""
-        for name in os.listdir(self.path):
-            m = SEGMENT_RE.match(name)
-            if m and int(m["rank"]) == self.rank and m["table"] in SCHEMAS:
-                t = m["table"]
-                self._next[t] = max(self._next.get(t, 0), int(m["seg"]) + 1)
+        for name in self._names():
+            parsed = parse_segment_name(name)
+            if parsed and parsed[1] == self.rank and parsed[0] in SCHEMAS:
+                t, _rank, seg = parsed
+                self._next[t] = max(self._next.get(t, 0), seg + 1)
 
     def path_for(self, table: str) -> str:
         """The file a write to ``table`` goes to: its open segment, else the next one to open."""
@@ -70,42 +166,129 @@ class SegmentFiles:
             return seg.path
         return os.path.join(self.path, segment_name(table, self.rank, self._next.get(table, 0)))
 
+    def _open_segment(self, table: str) -> _Segment:
+        if self.directory.fd is None:
+            self.directory.open()
+        attempts = 0
+        while True:
+            number = self._next.get(table, 0)
+            try:
+                seg = _Segment(
+                    self.directory, segment_name(table, self.rank, number), _SCHEMAS[table]
+                )
+            except FileExistsError as exc:
+                # Something is where the next segment should go (a file another process
+                # made, a planted link): never overwritten; the run goes on after it.
+                self._next[table] = number + 1
+                attempts += 1
+                if attempts >= _NAME_ATTEMPTS:
+                    raise
+                if self.on_taken is not None:
+                    self.on_taken(
+                        exc, os.path.join(self.path, segment_name(table, self.rank, number))
+                    )
+                continue
+            self._next[table] = number + 1
+            return seg
+
     def write(self, table: str, batch: pa.RecordBatch) -> None:
-        """Append ``batch`` to the open segment of ``table``, opening the next one if needed."""
+        """Append ``batch`` to the open segment of ``table``, opening the next one if needed.
+
+        On an error the segment is closed where it is (its last complete batch) and the
+        error raised; the next write opens the next segment."""
         seg = self._open.get(table)
         if seg is None:
-            seg = _Segment(self.path_for(table), SCHEMAS[table])
-            self._next[table] = self._next.get(table, 0) + 1
-            self._open[table] = seg
-        seg.writer.write_batch(batch)
+            seg = self._open[table] = self._open_segment(table)
+        try:
+            seg.append(batch)
+        except BaseException:
+            self._retire(table)
+            raise
         self.rows_written[table] += batch.num_rows
 
+    def _retire(self, table: str) -> None:
+        seg = self._open.pop(table)
+        seg.release()
+        if seg.size == 0:  # nothing of it reached the disk: no empty file left behind
+            with contextlib.suppress(OSError):
+                if self.directory.fd is not None and self.directory.exists(seg.name, seg.identity):
+                    os.unlink(seg.name, dir_fd=self.directory.fd)
+                    self._next[table] = min(self._next[table], self._number(seg.name))
+        if seg.rows:
+            self._done.append((table, seg.name, seg.identity, seg.rows))
+
+    @staticmethod
+    def _number(name: str) -> int:
+        parsed = parse_segment_name(name)
+        return parsed[2] if parsed else 0
+
     def flush(self, tables: list[str], on_error: OnError) -> None:
-        """Hand what was written to ``tables`` to the OS; close each segment now over size."""
+        """Close each of ``tables``' segments now over size (what was written is already
+        with the OS: nothing is buffered here)."""
         for table in tables:
             seg = self._open.get(table)
             if seg is None:  # abandoned after an error
                 continue
-            try:
-                seg.file.flush()
-                if seg.file.tell() >= self.segment_bytes:
-                    del self._open[table]  # the next write opens the next segment
+            if seg.size >= self.segment_bytes:
+                del self._open[table]  # the next write opens the next segment
+                try:
                     seg.close()
-            except (OSError, pa.ArrowException) as exc:
-                on_error(exc, seg.path)
+                except (OSError, pa.ArrowException) as exc:
+                    on_error(exc, seg.path)
+                self._done.append((table, seg.name, seg.identity, seg.rows))
 
     def close_all(self, on_error: OnError) -> None:
         """Close every open segment, writing its end-of-stream marker."""
         while self._open:  # on_error may abandon() the rest
-            seg = self._open.pop(next(iter(self._open)))
+            table = next(iter(self._open))
+            seg = self._open.pop(table)
             try:
                 seg.close()
             except (OSError, pa.ArrowException) as exc:
                 on_error(exc, seg.path)
+            self._done.append((table, seg.name, seg.identity, seg.rows))
 
     def abandon(self) -> None:
         """Close every file without writing more (after an I/O error: writing is over)."""
+        for table in list(self._open):
+            seg = self._open.pop(table)
+            seg.release()
+            self._done.append((table, seg.name, seg.identity, seg.rows))
+
+    def verify(self, everything: bool = False) -> dict[str, int]:
+        """Move the rows of segments that are no longer on disk (deleted or replaced) from
+        ``rows_written`` to ``rows_lost``: the open segments (one ``fstat`` each), and with
+        ``everything`` the closed ones too. The rows lost now, per table."""
+        lost: dict[str, int] = {}
+        for table, seg in list(self._open.items()):
+            if seg.deleted() or (everything and not self.directory.exists(seg.name, seg.identity)):
+                del self._open[table]
+                seg.release()
+                lost[table] = lost.get(table, 0) + seg.rows
+        if everything:
+            kept = []
+            for entry in self._done:
+                table, name, identity, rows = entry
+                if self.directory.exists(name, identity):
+                    kept.append(entry)
+                else:
+                    lost[table] = lost.get(table, 0) + rows
+            self._done = kept
+        for table, rows in lost.items():
+            self.rows_written[table] -= rows
+            self.rows_lost[table] += rows
+        return {t: n for t, n in lost.items() if n}
+
+    def directory_lost(self) -> dict[str, int]:
+        """The run directory is gone: every row written so far is lost. Let go of the
+        files and start numbering afresh; the rows lost, per table."""
         for seg in self._open.values():
-            with contextlib.suppress(Exception):
-                seg.file.close()
+            seg.release()
         self._open.clear()
+        self._done.clear()
+        self._next.clear()
+        lost = {t: n for t, n in self.rows_written.items() if n}
+        for table, rows in lost.items():
+            self.rows_lost[table] += rows
+            self.rows_written[table] = 0
+        return lost

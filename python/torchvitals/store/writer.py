@@ -14,7 +14,15 @@ killed at any moment leaves files whose every flushed record batch reads back
 - ``table_builder.py``: submitted columns -> one record batch per table;
 - ``segments.py``: the open segment file per table, numbering and rotation;
 - ``faults.py``: write errors, warned about once or raised in strict mode;
-- ``manifest.py`` and ``layout.py``: the manifest and the file names.
+- ``manifest.py`` and ``layout.py``: the manifest and the file names;
+- ``rundir.py``: the directory this writer owns (its lock, its identity, safe creation).
+
+No silent loss: one writer per rank and directory (a second one is refused in strict
+mode, else moved to ``{path}.1``, ``{path}.2``, ... with a warning); a directory deleted
+or replaced while the run writes is noticed at the next flush (warned, its rows counted
+in ``rows_lost``, writing goes on in a new directory at the path); a failed write (a
+full disk) is retried with a back-off and writing resumes when it succeeds; the closing
+manifest's ``rows_written`` counts the rows of the segments on disk.
 """
 
 from __future__ import annotations
@@ -33,12 +41,16 @@ import pyarrow as pa
 
 from .faults import FaultRecord
 from .manifest import ManifestFile
+from .rundir import RunDirectory, RunDirectoryInUse
 from .schema import DROPPED_SCALAR, SCHEMAS
 from .segments import SegmentFiles
 from .submit_queue import SubmitQueue, Taken
 from .table_builder import Columns, TableBuilder, warm_up
 
-__all__ = ["RunWriter"]
+__all__ = ["RunDirectoryInUse", "RunWriter"]
+
+#: A second writer of a rank tries ``{path}.1`` ... ``{path}.{_MAX_SUFFIX}``.
+_MAX_SUFFIX = 99
 
 
 _LIVE: weakref.WeakSet[RunWriter] = weakref.WeakSet()
@@ -99,7 +111,14 @@ class RunWriter:
         self._faults = FaultRecord(
             run_path=self.path, strict=self.strict, on_disable=self._stop_writing
         )
-        self._segments = SegmentFiles(self.path, self.rank, self.segment_bytes)
+        self._directory = RunDirectory(self.path, self.rank)
+        self._segments = SegmentFiles(
+            self.path,
+            self.rank,
+            self.segment_bytes,
+            directory=self._directory,
+            on_taken=self._name_taken,
+        )
         self._dropped_row = _DroppedRow()
         self._manifest = ManifestFile(
             self.path,
@@ -111,12 +130,15 @@ class RunWriter:
                 "on_full": self.on_full,
                 "segment_bytes": self.segment_bytes,
             },
+            directory=self._directory,
         )
+        self._start_manifest_due = False  # the directory was re-created: write it again
+        self.run_dir_lost = 0  #: times the run directory vanished or was replaced
         self._thread = threading.Thread(
             target=self._run, name=f"torchvitals-writer-rank{self.rank}", daemon=True
         )
         try:
-            os.makedirs(self.path, exist_ok=True)
+            self._open_directory()
             self._segments.number_after_existing()
             self._manifest.write_start()
         except OSError as exc:
@@ -126,6 +148,37 @@ class RunWriter:
         if not self._faults.writing_disabled:
             self._thread.start()
         _LIVE.add(self)
+
+    def _open_directory(self) -> None:
+        """Open the run directory and take this rank's lock; if another live writer
+        holds it, refuse (strict) or move to the first free ``{path}.{k}``."""
+        try:
+            self._directory.open()
+            return
+        except RunDirectoryInUse as exc:
+            if self.strict:
+                raise
+            reason = str(exc)
+        for k in range(1, _MAX_SUFFIX + 1):
+            path = f"{self.path}.{k}"
+            directory = RunDirectory(path, self.rank)
+            try:
+                directory.open()
+            except RunDirectoryInUse:
+                continue
+            warnings.warn(
+                f"{reason}. This writer writes to {path} instead.", RuntimeWarning, stacklevel=4
+            )
+            self.path = path
+            self._directory = directory
+            self._faults._run_path = path
+            self._segments = SegmentFiles(
+                path, self.rank, self.segment_bytes, directory=directory, on_taken=self._name_taken
+            )
+            self._manifest.directory = directory
+            self._manifest.path = os.path.join(path, self._manifest.name)
+            return
+        raise OSError(f"{reason}; and so are {self.path}.1 to .{_MAX_SUFFIX}")
 
     # ------------------------------------------------------------------ training thread
 
@@ -164,15 +217,20 @@ class RunWriter:
                     stacklevel=2,
                 )
         _LIVE.discard(self)
-        if os.path.isdir(self.path):
+        if not self._faults.writing_disabled:
+            self._check_directory(everything=True)
             try:
                 self._manifest.write_closed(
                     dropped=self.dropped,
                     write_errors=self.write_errors,
                     rows_written=self.rows_written,
+                    rows_lost=self.rows_lost,
+                    write_retries=self.write_retries,
+                    run_dir_lost=self.run_dir_lost,
                 )
             except OSError as exc:
-                self._faults.fail_io(exc, self._manifest.path)
+                self._faults.stall(exc, self._manifest.path, self.dropped)
+        self._directory.close()
         self._faults.raise_pending()
 
     def __enter__(self) -> RunWriter:
@@ -202,8 +260,19 @@ class RunWriter:
 
     @property
     def rows_written(self) -> dict[str, int]:
-        """Rows appended to the segments so far, per table."""
+        """Rows in the segments on disk, per table (rows of files that disappeared are
+        in ``rows_lost``)."""
         return self._segments.rows_written
+
+    @property
+    def rows_lost(self) -> dict[str, int]:
+        """Rows written to files that were deleted (or whose directory was), per table."""
+        return self._segments.rows_lost
+
+    @property
+    def write_retries(self) -> int:
+        """Tries to write again after an I/O error (see ``faults.py``)."""
+        return self._faults.write_retries
 
     def _stop_writing(self) -> None:
         """The first I/O error disabled writing: refuse new items, and let go of the files.
@@ -224,24 +293,73 @@ class RunWriter:
         while True:
             taken: Taken = self._queue.take(next_flush)
             try:
-                self._write(taken.items)
+                self._write(taken.items, closing=taken.closing)
             except BaseException as exc:  # never let the thread die silently
                 self._faults.item_error(exc, "<writer>", len(taken.items))
             next_flush = time.monotonic() + self.flush_interval
             if self._queue.processed(taken):
                 break
-        self._segments.close_all(on_error=self._faults.fail_io)
+        self._segments.close_all(on_error=self._close_failed)
         self._queue.all_processed()
 
-    def _write(self, items: list[tuple[str, Any]]) -> None:
-        """One cycle: the items taken, as one record batch per table, appended and flushed."""
+    def _name_taken(self, exc: BaseException, where: str) -> None:
+        self._faults.name_taken(exc, where)
+
+    def _close_failed(self, exc: BaseException, where: str) -> None:
+        self._faults.stall(exc, where, self.dropped)
+
+    def _check_directory(self, everything: bool = False) -> None:
+        """Notice a run directory deleted or replaced, or segment files removed, since
+        the last check: warn, count the rows lost, and go on in a new directory."""
+        what = self._directory.check()
+        if what is None:
+            lost = self._segments.verify(everything)
+            if lost:
+                self._faults.warn(
+                    f"torchvitals: segment file(s) of {self.path} were removed while the run "
+                    f"was writing; {_rows(lost)} lost (counted in the manifest's rows_lost)"
+                )
+            return
+        lost = self._segments.directory_lost()
+        self.run_dir_lost += 1
+        self._directory.close()
+        self._faults.warn(
+            f"torchvitals: run directory {self.path} was {what} while the run was writing; "
+            f"{_rows(lost) if lost else 'no rows'} written to it are lost (counted in the "
+            f"manifest's rows_lost). Writing goes on in a new {self.path}."
+        )
+        self._start_manifest_due = True
+        self._reopen()
+
+    def _reopen(self) -> bool:
+        """Re-create the directory and write the start manifest after it vanished."""
+        try:
+            self._directory.open()
+            self._segments.number_after_existing()
+            self._manifest.write_start()
+        except (OSError, RunDirectoryInUse) as exc:
+            self._directory.close()
+            self._faults.stall(exc, self.path, self.dropped)
+            return False
+        self._start_manifest_due = False
+        return True
+
+    def _write(self, items: list[tuple[str, Any]], closing: bool = False) -> None:
+        """One cycle: the items taken, as one record batch per table, appended; then the
+        directory checked and full segments rotated."""
         if self._faults.writing_disabled:
             self._queue.lose(len(items))
+            return
+        if not self._faults.may_write(force=closing) or (
+            self._start_manifest_due and not self._reopen()
+        ):
+            self._queue.lose(len(items))  # stalled: dropped and counted, tried again later
             return
         builders = self._build(items)
         # the torchvitals/dropped row is not a submitted item: not lost if its batch fails
         synthetic = self._dropped_row.add_if_changed(builders, self._queue.dropped, self.rank)
         written = []
+        failed = False
         for table, b in builders.items():
             if not b.items:
                 continue
@@ -251,17 +369,21 @@ class RunWriter:
             except Exception as exc:
                 self._faults.item_error(exc, table, lost)
                 continue
-            if self._faults.writing_disabled:
+            if self._faults.writing_disabled or failed:
                 self._queue.lose(lost)
                 continue
             try:
                 self._segments.write(table, batch)
             except (OSError, pa.ArrowException) as exc:
-                self._faults.fail_io(exc, self._segments.path_for(table))
+                failed = True
+                self._faults.stall(exc, self._segments.path_for(table), self.dropped)
                 self._queue.lose(lost)
                 continue
             written.append(table)
-        self._segments.flush(written, on_error=self._faults.fail_io)
+        if written and not failed:
+            self._faults.wrote(self.dropped)
+        self._check_directory()
+        self._segments.flush(written, on_error=self._close_failed)
 
     def _build(self, items: list[tuple[str, Any]]) -> dict[str, TableBuilder]:
         """The items' columns, added to one builder per table (a failing item is skipped)."""
@@ -276,6 +398,10 @@ class RunWriter:
                 self._faults.item_error(exc, table, 1)
             self._dropped_row.saw(b.max_step)
         return builders
+
+
+def _rows(lost: dict[str, int]) -> str:
+    return ", ".join(f"{n} {t} row(s)" for t, n in lost.items())
 
 
 class _DroppedRow:
