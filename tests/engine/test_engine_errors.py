@@ -47,6 +47,26 @@ def test_bad_feature_dim_is_named():
         torchvitals.tensor_stats([torch.ones(2), torch.ones(2)], feature_dim=[0])
 
 
+def test_nested_tensor_is_named():
+    nested = torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)])
+    for feature_dim in (None, [None, 1]):
+        with pytest.raises(TypeError, match=r"tensors\[1\] is a nested tensor"):
+            torchvitals.tensor_stats([torch.ones(2, 2), nested], feature_dim=feature_dim)
+    jagged = torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)], layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"tensors\[0\] has layout torch.jagged"):
+        torchvitals.tensor_stats([jagged], feature_dim=1)
+
+
+def test_negated_views_are_read_with_their_sign():
+    x = torch.tensor([[1.0, -2.0, 0.5], [3.0, -4.0, 0.25]])
+    neg = torch._neg_view(x)
+    got = torchvitals.tensor_stats([x, neg, neg.t(), -x], feature_dim=[1, 1, 0, 1])
+    assert got["sum"].tolist() == [-1.25, 1.25, 1.25, 1.25]
+    assert got["dead_units"].tolist() == [1, 2, 2, 2]
+    imag = torch.tensor([1 + 2j, 3 - 4j, 5 + 0j]).conj().imag  # a negated, strided view
+    assert imag.is_neg() and torchvitals.tensor_stats(imag)["sum"].tolist() == [2.0]
+
+
 def test_bad_saturation_is_named():
     with pytest.raises(ValueError, match=r"saturation for tensors\[0\] must be >= 0"):
         torchvitals.tensor_stats(torch.ones(2), saturation=-1.0)

@@ -64,6 +64,16 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy the kernels can read as raw memory: a view with PyTorch's negation
+    bit (``torch._neg_view``, the imaginary part of a conjugated complex tensor) holds
+    ``-x`` in memory for ``x``, so it is resolved first (real dtypes carry no conjugation
+    bit: complex tensors are refused before this)."""
+    if t.is_neg():
+        t = t.detach().resolve_neg()
+    return t if _dense(t) else t.detach().contiguous()
+
+
 def _descriptors(tensors: list[torch.Tensor], dims: list[int]) -> tuple[list[int], int, int]:
     """Flattened descriptor rows (``DESC_COLUMNS``), total chunks, total units."""
     rows: list[int] = []
@@ -129,8 +139,8 @@ def run_engine(
     """``moments, counts, hist`` of checked, non-empty ``tensors`` on one device
     (``feature_dims``: a dim or ``NO_FEATURE``; ``saturation``: a threshold or NaN)."""
     # Dense tensors in any layout (channels-last, transposed) are read in place, in memory
-    # order; only views with gaps or overlaps cost a copy.
-    tensors = [t if _dense(t) else t.detach().contiguous() for t in tensors]
+    # order; only views with gaps or overlaps, and negated views, cost a copy.
+    tensors = [_readable(t) for t in tensors]
     device = tensors[0].device
     rows, num_chunks, num_units = _descriptors(tensors, feature_dims)
     count = len(tensors)

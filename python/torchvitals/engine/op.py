@@ -25,6 +25,10 @@ def _check_tensor(index: int, t: object) -> int:
         raise TypeError(f"tensors[{index}] is a {type(t).__name__}, not a torch.Tensor")
     if t.layout != torch.strided:
         raise TypeError(f"tensors[{index}] has layout {t.layout}; only dense tensors are supported")
+    if t.is_nested:  # a strided nested tensor has no single shape: no feature dim, no layout
+        raise TypeError(
+            f"tensors[{index}] is a nested tensor; pass its components instead (t.unbind())"
+        )
     if t.dtype not in DTYPE_CODES:
         raise TypeError(
             f"tensors[{index}] has dtype {t.dtype}; supported: float32, float16, bfloat16, float64"
