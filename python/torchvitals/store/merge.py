@@ -60,6 +60,33 @@ class MissingRanksWarning(RuntimeWarning):
     """Some rank's data is missing: merged results cover only the complete steps."""
 
 
+class _MissingSteps(Mapping):
+    """``{rank: steps it lacks}`` for every rank below the world size, without a list per
+    missing rank (a world of a million ranks costs nothing): a rank with no data lacks
+    every step."""
+
+    def __init__(self, world: int, present: dict[int, list[int]], everything: np.ndarray):
+        self._world = world
+        self._present = present
+        self._everything = everything
+
+    def __getitem__(self, rank: int) -> list[int]:
+        if rank in self._present:
+            return self._present[rank]
+        if isinstance(rank, int) and 0 <= rank < self._world:
+            return self._everything.tolist()
+        raise KeyError(rank)
+
+    def __iter__(self):
+        yield from sorted(set(self._present) | set(range(self._world)))
+
+    def __len__(self) -> int:
+        return len(set(self._present) | set(range(self._world)))
+
+    def present_items(self) -> list[tuple[int, list[int]]]:
+        return sorted(self._present.items())
+
+
 @dataclass(frozen=True)
 class RankCoverage:
     """Which ranks of a run wrote data, and which steps each one lacks."""
@@ -69,18 +96,36 @@ class RankCoverage:
     missing: tuple[int, ...]  #: ranks below ``world_size`` that wrote nothing
     unclosed: tuple[int, ...]  #: ranks whose manifest has no ``closed_at``
     #: per rank, the steps other ranks recorded and it did not (missing ranks: all)
-    missing_steps: dict[int, list[int]] = field(default_factory=dict)
+    missing_steps: Mapping[int, list[int]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        return not self.missing and not any(self.missing_steps.values())
+        if self.missing:
+            return False
+        items = (
+            self.missing_steps.present_items()
+            if isinstance(self.missing_steps, _MissingSteps)
+            else self.missing_steps.items()
+        )
+        return not any(steps for _r, steps in items)
 
     def describe(self) -> str:
         parts = []
-        for r in self.missing:
-            parts.append(f"rank {r} wrote nothing (no manifest, no data)")
-        for r, steps in sorted(self.missing_steps.items()):
-            if r in self.missing or not steps:
+        if len(self.missing) <= 8:
+            parts += [f"rank {r} wrote nothing (no manifest, no data)" for r in self.missing]
+        else:
+            parts.append(
+                f"{len(self.missing)} ranks wrote nothing (no manifest, no data): "
+                f"{_ranges(list(self.missing))}"
+            )
+        items = (
+            self.missing_steps.present_items()
+            if isinstance(self.missing_steps, _MissingSteps)
+            else sorted(self.missing_steps.items())
+        )
+        missing = set(self.missing)
+        for r, steps in items:
+            if r in missing or not steps:
                 continue
             why = " and did not close cleanly (no closed_at)" if r in self.unclosed else ""
             parts.append(f"rank {r} has no data for step(s) {_ranges(steps)}{why}")
@@ -97,6 +142,8 @@ def _ranges(steps: list[int], limit: int = 8) -> str:
             continue
         if start is not None:
             out.append(str(start) if start == prev else f"{start}-{prev}")
+        if len(out) > limit:
+            break
         start = prev = s
     text = ", ".join(out[:limit])
     return text + (f", ... ({len(steps)} steps)" if len(out) > limit else "")
@@ -104,20 +151,28 @@ def _ranges(steps: list[int], limit: int = 8) -> str:
 
 def _world_size(manifests: Mapping[int, dict], ranks: set[int]) -> int:
     sizes = [m.get("world_size") for m in manifests.values()]
-    sizes = [s for s in sizes if isinstance(s, int)]
+    sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s > 0]
     return max([*sizes, max(ranks, default=0) + 1])
 
 
 def _dist(manifest: dict) -> dict:
-    return manifest.get("distributed") or {}
+    dist = manifest.get("distributed")
+    return dist if isinstance(dist, dict) else {}
 
 
 def shard_holders(manifests: Mapping[int, dict]) -> dict[str, frozenset[int]]:
     """``{parameter name: ranks that record a shard of it}`` from the manifests."""
     holders: dict[str, set[int]] = {}
     for m in manifests.values():
-        for name, entry in (_dist(m).get("sharded") or {}).items():
-            holders.setdefault(name, set()).update(entry.get("recorded_by") or ())
+        sharded = _dist(m).get("sharded")
+        if not isinstance(sharded, dict):
+            continue
+        for name, entry in sharded.items():
+            ranks = entry.get("recorded_by") if isinstance(entry, dict) else None
+            ranks = ranks if isinstance(ranks, list) else ()
+            holders.setdefault(name, set()).update(
+                r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r >= 0
+            )
     return {name: frozenset(ranks) for name, ranks in holders.items()}
 
 
@@ -128,13 +183,19 @@ def rank_coverage(per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict
     world = _world_size(manifests, present)
     steps = {r: np.unique(t.column("step").to_numpy()) for r, t in per_rank.items()}
     everything = np.unique(np.concatenate([*steps.values(), np.zeros(0, np.int64)]))
-    missing = tuple(r for r in range(world) if r not in present)
-    missing_steps = {
+    missing = np.setdiff1d(np.arange(world), np.array(sorted(present), dtype=np.int64))
+    present_steps = {
         r: np.setdiff1d(everything, steps.get(r, np.zeros(0, np.int64))).tolist()
-        for r in sorted(present | set(range(world)))
+        for r in sorted(present)
     }
     unclosed = tuple(sorted(r for r, m in manifests.items() if "closed_at" not in m))
-    return RankCoverage(world, tuple(sorted(present)), missing, unclosed, missing_steps)
+    return RankCoverage(
+        world,
+        tuple(sorted(present)),
+        tuple(missing.tolist()),
+        unclosed,
+        _MissingSteps(world, present_steps, everything),
+    )
 
 
 def _sorted(parts: list[pa.Table]) -> pa.Table:
@@ -217,11 +278,15 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
     sizes = np.diff(np.append(starts, n))
     s_rank, s_layer = rank[order], layer_codes[order]
     expected = [holders.get(label, frozenset()) for label in layer_labels]
-    width = max(max(max(h, default=0) for h in expected), int(rank.max())) + 1
-    is_holder = np.zeros((len(expected), width), dtype=bool)  # [layer code, rank]
+    # [layer code, rank present in the data]: sized by the data, never by a manifest
+    seen = np.unique(rank)
+    is_holder = np.zeros((len(expected), len(seen)), dtype=bool)
     for c, ranks in enumerate(expected):
-        is_holder[c, sorted(ranks)] = True
-    member = (s_rank >= 0) & is_holder[s_layer, np.maximum(s_rank, 0)]
+        cols = np.searchsorted(seen, np.array(sorted(ranks), dtype=np.int64))
+        ok = cols < len(seen)
+        ok[ok] &= seen[cols[ok]] == np.array(sorted(ranks), dtype=np.int64)[ok]
+        is_holder[c, cols[ok]] = True
+    member = (s_rank >= 0) & is_holder[s_layer, np.searchsorted(seen, s_rank)]
     want = np.array([len(h) for h in expected])[s_layer[starts]]
     complete = _complete(starts, s_rank, member, want)
 
