@@ -102,7 +102,7 @@ def test_activation_capture_measures_in_place_overwritten_outputs_in_their_hook(
             assert acts.names == ["fc"]
             # measured in the hook, before the in-place add
             sum_ = MOMENT_KEYS.index("sum")
-            expected = float(model.fc(x).sum())
+            expected = float(model.fc(x).detach().sum())
             assert float(acts.moments[0, sum_]) == pytest.approx(expected, rel=1e-6)
 
 
@@ -176,3 +176,61 @@ def test_manifest_lists_layers_and_what_is_recorded_of_them():
     assert layers["1"]["hooked"] == ["act"] and layers["1"]["param_shapes"] == {}
     assert manifest["config"]["grad_every"] == 1 and manifest["world_size"] == 1
     assert len(manifest["hist_edges"]["labels"]) > 0
+
+
+def test_a_forward_that_raised_is_discarded_not_merged_into_the_next():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+            self.fail = True
+
+        def forward(self, x):
+            h = self.act(self.fc1(x))
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("bad batch")
+            return self.fc2(h)
+
+    model = Flaky()
+    reductions = StepReductions()
+    capture = ActivationCapture(
+        model, reductions, act_every=1, grad_every=1, warn_once=lambda *a: None
+    )
+    model.register_forward_pre_hook(lambda m, a: capture.begin_forward())
+    model.register_forward_hook(lambda m, a, o: capture.end_forward())
+    for module, spec in select_modules(model):
+        module.register_forward_hook(capture.activation_hook(spec))
+    with pytest.raises(RuntimeError, match="bad batch"):
+        model(torch.randn(3, 4))
+    model(torch.randn(3, 4))  # the retry, same step
+    (acts,) = reductions.take()
+    assert acts.names == ["fc1", "act", "fc2"]  # once each: nothing of the failed forward
+
+
+def test_outputs_without_a_dense_float_tensor_are_skipped_with_one_warning():
+    class DictOut(nn.Module):
+        def forward(self, x):
+            return {"y": torch.relu(x)}
+
+    class IntOut(nn.ReLU):
+        def forward(self, x):
+            return torch.relu(x).long()
+
+    model = nn.Sequential(nn.Linear(4, 4), DictOut())
+    model2 = nn.Sequential(nn.Linear(4, 4), IntOut())
+    for net in (model, model2):
+        reductions, warned = StepReductions(), []
+        capture = ActivationCapture(
+            net, reductions, act_every=1, grad_every=1, warn_once=lambda k, m, w=warned: w.append(m)
+        )
+        for module, spec in select_modules(net, include=["1"]):
+            module.register_forward_hook(capture.activation_hook(spec))
+        for _ in range(2):
+            capture.begin_forward()
+            net[1](net[0](torch.randn(2, 4)))
+            capture.end_forward()
+            capture.next_step(1)
+        assert reductions.take()[0].names == ["0"]
+        # asked at every skip under one key; the Monitor's warn_once shows it once
+        assert len(warned) == 2 and "'1'" in warned[0] and "skipped" in warned[0]

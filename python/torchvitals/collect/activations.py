@@ -10,16 +10,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchvitals.collect.distributed import is_dtensor
 from torchvitals.collect.reductions import Reduction, StepReductions
 from torchvitals.collect.selection import HookSpec, feature_dim
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
+    """The tensor a module's input or output stands for: itself, or the first element of
+    a tuple or list (``nn.MultiheadAttention``, recurrent layers); None for anything else
+    (a dict or a ``ModelOutput`` has no first tensor that is clearly the activation)."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
     return None
+
+
+def measurable(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as the engine can read it: a DTensor (tensor parallel) through its local
+    shard; None for what has no dense floating-point data (integer, nested, sparse)."""
+    # Plain tensors skip the DTensor check: it reads sys.modules, which Dynamo would
+    # trace while other threads import.
+    if type(x) is not torch.Tensor and is_dtensor(x):
+        x = x.to_local()
+    if not x.is_floating_point() or x.layout != torch.strided or x.is_nested:
+        return None
+    return x
 
 
 class ActivationCapture:
@@ -46,16 +62,21 @@ class ActivationCapture:
         self._recording = False
         self._done = False
         self._compiled: list[Reduction] = []  # the last compiled forward's activations
+        self._explicit = False  # begin_forward() called by the user, not by the model
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, explicit: bool = False) -> None:
         if torch.compiler.is_compiling():
             # Traced code must read no state that changes from step to step: Dynamo would
             # guard on it and recompile. Compiled forwards always record; step() keeps what
-            # the cadence asks for (keep()).
+            # the cadence asks for.
             self._stash = []
             return
-        if not self._recording:  # else nested in an explicit begin_forward()
-            self._stash.clear()
+        if self._explicit and not explicit:
+            return  # the model's own forward, inside the user's begin_forward()
+        # A forward still recording here raised before its end: what it stashed is
+        # discarded, never merged into this one.
+        self._stash.clear()
+        self._explicit = explicit
         self._recording = (
             self._model.training
             and not self._done
@@ -68,8 +89,17 @@ class ActivationCapture:
             compiling = torch.compiler.is_compiling()
             if not (self._training() if compiling else self._recording):
                 return
-            x = first_tensor(args if spec.of_input else output)
-            if x is None or not x.is_floating_point() or x.layout != torch.strided:
+            value = args if spec.of_input else output
+            x = first_tensor(value)
+            if x is not None:
+                x = measurable(x)
+            if x is None:
+                self._warn_once(
+                    f"unmeasured:{spec.name}",
+                    f"torchvitals: the {'input' if spec.of_input else 'output'} of "
+                    f"{spec.name!r} ({type(value).__name__}) holds no dense floating-point "
+                    "tensor to measure; it is skipped",
+                )
                 return
             # (Compiled graphs functionalize in-place ops: the stashed value is the hook's.)
             if not compiling and spec.name in self._reduce_in_hook:  # overwritten later
@@ -105,7 +135,7 @@ class ActivationCapture:
                 return
         elif not self._recording:
             return
-        self._recording = False
+        self._recording = self._explicit = False
         self._done = True
         stashed, self._stash = self._stash, []
         names, tensors, dims, thresholds, roles = [], [], [], [], []
@@ -164,6 +194,6 @@ class ActivationCapture:
 
     def next_step(self, step: int) -> None:
         self.step = step
-        self._done = self._recording = False
+        self._done = self._recording = self._explicit = False
         self._stash.clear()
         self._grad_stash.clear()

@@ -335,7 +335,7 @@ class Monitor:
         """Starts recording this step's activations. The model's forward does it by itself;
         call it (and :meth:`end_forward`) when the training step runs submodules without
         the monitored module's own forward, as a LightningModule's ``training_step`` may."""
-        self._guard(self._acts.begin_forward)()
+        self._guard(self._acts.begin_forward)(explicit=True)
 
     def end_forward(self) -> None:
         """Reduces the activations recorded since :meth:`begin_forward` (a no-op when the
