@@ -1,0 +1,46 @@
+"""The pre-flight report of a run, ``{run}/preflight.json``: written by
+``torchvitals.preflight(..., monitor=mon)`` next to the manifests, read by the reports.
+
+The file is a plain JSON object (``PreflightReport.to_dict``); this module only moves it
+to and from disk, so the store never imports the code that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .layout import write_json_atomic
+
+__all__ = ["PREFLIGHT_NAME", "read_preflight", "write_preflight"]
+
+PREFLIGHT_NAME = "preflight.json"
+
+
+def write_preflight(run_dir: str | os.PathLike[str], report: dict[str, Any]) -> Path:
+    """Writes ``report`` to ``run_dir/preflight.json`` atomically; returns the path."""
+    path = Path(run_dir) / PREFLIGHT_NAME
+    write_json_atomic(str(path), report)
+    return path
+
+
+def read_preflight(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The pre-flight report stored in ``run_dir``, or ``None`` when the run has none.
+    Raises ``ValueError`` (naming the file) when the file is not a JSON object."""
+    path = Path(run_dir) / PREFLIGHT_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a valid pre-flight report (not JSON: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path}: not a valid pre-flight report (expected a JSON object, "
+            f"got {type(obj).__name__})"
+        )
+    return obj
