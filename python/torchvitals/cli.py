@@ -1,4 +1,4 @@
-"""``torchvitals``: report, events and demo from the command line."""
+"""``torchvitals``: report, events, pre-flight checks and demo from the command line."""
 
 from __future__ import annotations
 
@@ -33,8 +33,11 @@ def _detect(arrays, args):
     )
 
 
-def _analyse_and_report(run, args, console: Console, out: Path) -> list:
+def _analyse_and_report(
+    run, args, console: Console, out: Path, *, show_preflight: bool = True
+) -> list:
     from torchvitals.analysis.runtables import series_from_run
+    from torchvitals.preflight.report import PreflightReport
     from torchvitals.report.html import write_report
     from torchvitals.report.terminal import print_summary
 
@@ -51,7 +54,8 @@ def _analyse_and_report(run, args, console: Console, out: Path) -> list:
             progress=lambda what: bar.update(task, description=what),
             arrays=arrays,
         )
-    print_summary(events, arrays[3], console)
+    preflight = PreflightReport.load(run.path) if show_preflight else None
+    print_summary(events, arrays[3], console, preflight=preflight)
     console.print(f"report: [bold]{out}[/bold]")
     return events
 
@@ -87,8 +91,29 @@ def cmd_events(args) -> int:
     return 0
 
 
+def cmd_preflight(args) -> int:
+    from torchvitals.preflight import preflight
+    from torchvitals.preflight.target import load_target
+    from torchvitals.report.terminal import print_preflight
+
+    kwargs = load_target(args.target)
+    for name in ("num_classes", "steps", "lr_probe_steps", "grad_check_samples", "seed"):
+        if getattr(args, name) is not None:  # the command line wins over the target
+            kwargs[name] = getattr(args, name)
+    if args.json:
+        json.dump(preflight(**kwargs).to_dict(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    console = Console()
+    with console.status(f"pre-flight checks on {args.target}"):
+        report = preflight(**kwargs)
+    print_preflight(report, console)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from torchvitals.demo import train
+    from torchvitals.report.terminal import print_preflight
     from torchvitals.store.reader import load_run
 
     console = Console()
@@ -98,11 +123,21 @@ def cmd_demo(args) -> int:
     console.print(f"training the demo model for {args.steps} steps, recording every step to {out}")
     start = time.perf_counter()
     with _progress(console) as bar:
-        task = bar.add_task("training", total=args.steps)
-        train(out, steps=args.steps, progress=lambda done, total: bar.update(task, completed=done))
-    console.print(f"trained in {time.perf_counter() - start:.1f} s")
+        task = bar.add_task("pre-flight checks", total=args.steps)
+
+        def preflight_done(report) -> None:
+            print_preflight(report, console)
+            bar.update(task, description="training")
+
+        train(
+            out,
+            steps=args.steps,
+            progress=lambda done, total: bar.update(task, completed=done),
+            on_preflight=preflight_done,
+        )
+    console.print(f"pre-flight checks and training in {time.perf_counter() - start:.1f} s")
     args.layers, args.higher_is_better, args.num_classes = None, False, 10
-    _analyse_and_report(load_run(out), args, console, out / "report.html")
+    _analyse_and_report(load_run(out), args, console, out / "report.html", show_preflight=False)
     return 0
 
 
@@ -126,7 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the events as JSON")
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("demo", help="train a small model, record it, detect events, report")
+    p = sub.add_parser(
+        "preflight",
+        help="pre-flight checks on a model before training (run first when it does not learn)",
+    )
+    p.add_argument(
+        "target",
+        help="module:function or path/to/file.py:function returning (model, batch, loss_fn), "
+        "(model, batch, loss_fn, optimizer) or a dict of torchvitals.preflight arguments",
+    )
+    p.add_argument("--num-classes", type=int, default=None, help="C for the ln C check")
+    p.add_argument("--steps", type=int, default=None, help="most steps on the batch (200)")
+    p.add_argument("--lr-probe-steps", type=int, default=None, help="steps per probe LR (5)")
+    p.add_argument(
+        "--grad-check-samples", type=int, default=None, help="samples in the gradient check (4)"
+    )
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_preflight)
+
+    p = sub.add_parser(
+        "demo", help="pre-flight checks, then train a small model, record it, detect events, report"
+    )
     p.add_argument("--out", default="runs/demo", help="run directory to create")
     p.add_argument("--steps", type=int, default=4000)
     p.set_defaults(func=cmd_demo)

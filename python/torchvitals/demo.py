@@ -1,5 +1,6 @@
 """The demo: a small network that sits on a plateau, kicks in, then gains again when
-the learning rate is cut, recorded by the Monitor, analysed, and reported.
+the learning rate is cut, recorded by the Monitor, analysed, and reported. Pre-flight
+checks run first, on a batch of their own, and are stored with the run.
 
 The student is six tanh layers deep and starts with small weights, so the signal
 through it (and the gradient back) nearly vanishes: the loss sits at ln(10) until the
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from torchvitals.preflight import PreflightReport
 
 STEPS = 4000
 BATCH = 128
@@ -58,15 +61,25 @@ def train(
     steps: int = STEPS,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    on_preflight: Callable[[PreflightReport], None] | None = None,
 ) -> Path:
-    """Trains the demo model with a Monitor attached; returns the run directory."""
-    from torchvitals import Monitor
+    """Runs the pre-flight checks (their report goes to ``on_preflight`` and into the run),
+    then trains the demo model with a Monitor attached; returns the run directory."""
+    from torchvitals import Monitor, preflight
 
     model = make_model(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [steps * 3 // 4], gamma=0.1)
     data = minibatches(seed)
     with Monitor(model, out, optimizer=opt, weight_every=10, on_full="block") as mon:
+        # preflight leaves the model, the optimizer and the RNGs as they were, and takes a
+        # batch of its own: the recorded run is the same with it or without it.
+        batch = next(minibatches(seed + 1))
+        report = preflight(
+            model, batch, nn.CrossEntropyLoss(), optimizer=opt, num_classes=CLASSES, monitor=mon
+        )
+        if on_preflight is not None:
+            on_preflight(report)
         for step in range(steps):
             x, y = next(data)
             loss = nn.functional.cross_entropy(model(x), y)

@@ -1,4 +1,5 @@
-"""The terminal summary of a run: events and worst layers as rich tables."""
+"""The terminal summary of a run: events and worst layers as rich tables, and the
+pre-flight checks when the run has them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from rich.table import Table
 from torchvitals.analysis import Event
 from torchvitals.analysis.events import CURVE_KINDS
 from torchvitals.analysis.summary import EVENT_COLUMNS, WORST_COLUMNS, event_rows, worst_layers
+from torchvitals.preflight.report import COLUMNS as PREFLIGHT_COLUMNS
+from torchvitals.preflight.report import PreflightReport
 
 SEVERITY_STYLE = {"info": "dim", "warning": "yellow", "critical": "bold red"}
 
@@ -27,10 +30,23 @@ def _rich_table(
     return table
 
 
-def print_summary(
-    events: Sequence[Event], series: dict[str, np.ndarray], console: Console | None = None
-) -> None:
+def print_preflight(report: PreflightReport, console: Console | None = None) -> None:
+    """The pre-flight findings as one table, the most severe first."""
     console = console or Console()
+    console.print(_rich_table(report.title(), report.rows(), PREFLIGHT_COLUMNS, "severity"))
+
+
+def print_summary(
+    events: Sequence[Event],
+    series: dict[str, np.ndarray],
+    console: Console | None = None,
+    *,
+    preflight: PreflightReport | None = None,
+) -> None:
+    """Events and worst layers; the run's pre-flight checks first when it has them."""
+    console = console or Console()
+    if preflight is not None:
+        print_preflight(preflight, console)
     # The attribution is in each cause already; the HTML report has it as a column.
     columns = [c for c in EVENT_COLUMNS if c != "attribution"]
     # Curve events always; layer findings only when they warn: info ones are in the report.
