@@ -303,14 +303,17 @@ def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
             raise ValueError(
                 f"{os.fspath(path)}: {st.st_size} bytes, more than the {limit} allowed"
             )
-        parts = []
-        left = st.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                break  # truncated meanwhile: what was there
-            parts.append(chunk)
-            left -= len(chunk)
-        return b"".join(parts)
+        data = os.read(fd, st.st_size)  # one read, straight into the result, as a rule
+        if len(data) < st.st_size:  # over 2 GiB (one read's limit), or truncated meanwhile
+            parts = [data]
+            left = st.st_size - len(data)
+            while left > 0:
+                chunk = os.read(fd, min(left, 1 << 30))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                left -= len(chunk)
+            data = b"".join(parts)
+        return data
     finally:
         os.close(fd)

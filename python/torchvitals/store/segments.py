@@ -43,10 +43,10 @@ class _Capture:
     closed = False
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
+        self._data = bytearray()
 
     def write(self, data) -> int:
-        self._parts.append(bytes(data))
+        self._data += data
         return len(data)
 
     def flush(self) -> None:
@@ -55,9 +55,8 @@ class _Capture:
     def close(self) -> None:
         pass
 
-    def take(self) -> bytes:
-        data = b"".join(self._parts)
-        self._parts.clear()
+    def take(self) -> bytearray:
+        data, self._data = self._data, bytearray()
         return data
 
 
@@ -78,7 +77,7 @@ class _Segment:
         self._sealer = Sealer()
         self.writer = pa.ipc.new_stream(self._capture, schema)
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes | bytearray) -> None:
         try:
             write_all(self.fd, data)
         except OSError:
