@@ -1,9 +1,9 @@
 """``lr_sanity``: a short LR range probe. From the initial state, a few steps at one LR per
 decade (the user's optimizer, every param group's LR scaled alike), and the loss after
 them; then where the user's LR sits on that curve. A few steps favour large LRs, so the
-best probe LR is an upper end, not a recommendation: the user's LR is only flagged when the
-loss does not fall at it while a larger one diverges (far right), or when it barely moves
-the loss three decades or more below the best (far left)."""
+best probe LR is an upper end, not a recommendation: the user's LR is flagged when it is
+right of the best and lowers the loss less than half as much (critical when not at all), or
+three decades or more left of it with less than a tenth of its progress."""
 
 from __future__ import annotations
 
@@ -28,20 +28,19 @@ def probe_lrs(lr_range: tuple[float, float]) -> list[float]:
     return [float(f"{v:.12g}") for v in np.logspace(lo, hi, max(2, round(hi - lo) + 1))]
 
 
+def _diverged(loss: float, start: float) -> bool:
+    """Not finite, or risen DIVERGED times the start's size above it."""
+    return not loss <= start + DIVERGED * abs(start)
+
+
 def loss_after(bench: Workbench, lr: float, steps: int, start: float) -> float:
-    """The loss after ``steps`` steps at ``lr`` from the initial state; inf once it is not
-    finite or has diverged (risen DIVERGED times the start's size above it: the steps
-    left are not run)."""
-
-    def diverged(losses: list[float]) -> bool:
-        return losses[-1] > start + DIVERGED * abs(start)
-
+    """The loss after ``steps`` steps at ``lr`` from the initial state; inf once it has
+    diverged (the steps left are not run)."""
     bench.reset()
-    losses = bench.train(bench.optimizer.build(bench.model, lr), steps, until=diverged)
-    if not math.isfinite(losses[-1]) or diverged(losses):
-        return math.inf
-    value = bench.loss()
-    return value if math.isfinite(value) else math.inf
+    optimizer = bench.optimizer.build(bench.model, lr)
+    losses = bench.train(optimizer, steps, until=lambda losses: _diverged(losses[-1], start))
+    value = math.inf if _diverged(losses[-1], start) else bench.loss()
+    return math.inf if _diverged(value, start) else value
 
 
 def lr_curve(
@@ -79,7 +78,12 @@ def lr_finding(
         "decades_from_best": decades,
     }
     after = f"after {steps} steps"
-    at_user = f"loss {curve[lrs.index(user_lr)][1]:.4g} {after} (start {start:.4g})"
+    loss = curve[lrs.index(user_lr)][1]
+    at_user = (
+        f"loss {loss:.4g} {after} (start {start:.4g})"
+        if math.isfinite(loss)
+        else f"the loss diverges within {steps} steps (start {start:.4g})"
+    )
     side = "right" if decades > 0 else "left"
     where = (
         f"LR {user_lr:.3g} sits {abs(decades):.1f} decades {side} of the probe's best {best:.3g}"
@@ -117,8 +121,8 @@ def lr_sanity(
         return Finding("lr_sanity", "info", None, f"skipped: {why}", {"user_lr": user_lr})
     losses = run.losses
     if len(losses) > steps:
-        at_user = losses[steps] if math.isfinite(losses[steps]) else math.inf
-    elif not math.isfinite(losses[-1]):
+        at_user = math.inf if _diverged(losses[steps], start) else losses[steps]
+    elif _diverged(losses[-1], start):
         at_user = math.inf
     else:  # the run was shorter than the probe
         at_user = loss_after(bench, user_lr, steps, start)
