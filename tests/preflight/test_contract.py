@@ -50,19 +50,20 @@ def test_model_optimizer_and_rng_are_untouched():
     assert np.array_equal(np.random.get_state()[1], rng[2])
 
 
-def test_attached_monitor_records_nothing_and_gets_the_report(tmp_path):
+@pytest.mark.parametrize("given", [True, False])
+def test_attached_monitor_records_nothing(tmp_path, given):
     model = planted.healthy()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     with Monitor(model, tmp_path / "run", optimizer=opt) as mon:
         report = preflight(model, planted.batch(), nn.CrossEntropyLoss(), optimizer=opt,
-                           monitor=mon, **FAST)  # fmt: skip
+                           monitor=mon if given else None, **FAST)  # fmt: skip
         assert mon.step_count == 0 and mon.errors == 0
         mon.step()  # no forward ran on the model: the step has no activations
     run = load_run(tmp_path / "run")
     kinds = set(run.layers.column("kind").cast("string").to_pylist())
     assert "act" not in kinds and "grad" not in kinds
-    stored = PreflightReport.load(tmp_path / "run")
-    assert stored is not None and stored.to_dict() == report.to_dict()
+    stored = PreflightReport.load(tmp_path / "run")  # written only when the Monitor is given
+    assert (stored.to_dict() == report.to_dict()) if given else stored is None
 
 
 def test_run_without_preflight_has_none(tmp_path):
