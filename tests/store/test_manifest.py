@@ -38,13 +38,14 @@ def test_start_and_closed_manifest(tmp_path):
     closed = read(m.path)
     assert closed.pop("checksum") == manifest_checksum(closed)
     keys = ("dropped_batches", "write_errors", "rows_written", "rows_lost", "write_retries")
-    assert {k: closed.pop(k) for k in (*keys, "run_dir_lost")} == {
+    assert {k: closed.pop(k) for k in (*keys, "run_dir_lost", "first_segment")} == {
         "dropped_batches": 2,
         "write_errors": 1,
         "rows_written": {"scalars": 5},
         "rows_lost": {},
         "write_retries": 0,
         "run_dir_lost": 0,
+        "first_segment": {},
     }
     assert isinstance(closed.pop("closed_at"), str) and closed == start
 

@@ -204,7 +204,12 @@ def test_segment_rotation_and_resume_never_overwrites(tmp_path):
     with RunWriter(path, manifest=MANIFEST) as w:  # a restarted process appends segments
         w.submit("scalars", {"step": 5, "name": "loss", "value": 5})
     assert segments(path)[:5] == first and segments(path)[-1].endswith(".000005.arrows")
-    assert load_run(path).scalar("loss")[0].tolist() == [0, 1, 2, 3, 4, 5]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the manifest counts only the restarted writer's rows
+        run = load_run(path)
+    assert run.scalar("loss")[0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert run.manifest["rows_written"]["scalars"] == 1
+    assert run.manifest["first_segment"] == {"scalars": 5}
 
 
 def test_multi_rank_concat_and_merge_hook(tmp_path):

@@ -62,6 +62,7 @@ class ManifestFile:
         rows_lost: dict[str, int] | None = None,
         write_retries: int = 0,
         run_dir_lost: int = 0,
+        first_segment: dict[str, int] | None = None,
     ) -> None:
         m = dict(self._start)
         m.update(
@@ -72,5 +73,6 @@ class ManifestFile:
             rows_lost={t: n for t, n in (rows_lost or {}).items() if n},
             write_retries=write_retries,
             run_dir_lost=run_dir_lost,
+            first_segment=dict(first_segment or {}),
         )
         self._write(m)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .layout import MANIFEST_CHECKSUM_KEY, MAX_RANKS, manifest_checksum
+from .layout import MANIFEST_CHECKSUM_KEY, MAX_RANKS, MAX_SEGMENTS, manifest_checksum
 from .schema import SCHEMA_VERSION, SCHEMAS
 
 __all__ = ["MAX_MANIFEST_BYTES", "ManifestError", "SchemaVersionError", "check_manifest"]
@@ -121,7 +121,7 @@ def check_manifest(text: bytes, path: object, rank: int) -> tuple[dict, list[str
         raise _fail(path, f"'closed_at' must be a string, got {closed!r:.40}")
     for key in ("dropped_batches", "write_errors", "write_retries", "run_dir_lost"):
         _count(path, obj, key)
-    for key in ("rows_written", "rows_lost"):
+    for key in ("rows_written", "rows_lost", "first_segment"):
         rows = obj.get(key)
         if rows is None:
             continue
@@ -129,6 +129,8 @@ def check_manifest(text: bytes, path: object, rank: int) -> tuple[dict, list[str
             isinstance(t, str) and _is_int(n) and n >= 0 for t, n in rows.items()
         ):
             raise _fail(path, f"{key!r} must map table names to non-negative integers")
+        if key == "first_segment" and any(n >= MAX_SEGMENTS for n in rows.values()):
+            raise _fail(path, f"{key!r} holds a segment number of {MAX_SEGMENTS} or more")
         unknown = sorted(set(rows) - set(SCHEMAS))
         if unknown:
             raise _fail(path, f"{key!r} names unknown table(s) {unknown}")

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .layout import write_json_atomic
+from .layout import read_regular_file, write_json_atomic
 
 __all__ = ["PREFLIGHT_NAME", "read_preflight", "write_preflight"]
 
 PREFLIGHT_NAME = "preflight.json"
+#: A pre-flight report larger than this is refused.
+MAX_PREFLIGHT_BYTES = 64 << 20
 
 
 def write_preflight(run_dir: str | os.PathLike[str], report: dict[str, Any]) -> Path:
@@ -30,13 +32,16 @@ def read_preflight(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The pre-flight report stored in ``run_dir``, or ``None`` when the run has none.
     Raises ``ValueError`` (naming the file) when the file is not a JSON object."""
     path = Path(run_dir) / PREFLIGHT_NAME
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a regular file only (a FIFO or a device is refused without blocking), bounded
+        text = read_regular_file(path, MAX_PREFLIGHT_BYTES).decode("utf-8")
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:  # not regular, too large, not UTF-8
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"{path}: not a readable pre-flight report ({why})") from exc
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too deep, too long
         raise ValueError(f"{path}: not a valid pre-flight report (not JSON: {exc})") from exc
     if not isinstance(obj, dict):
         raise ValueError(

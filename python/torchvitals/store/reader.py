@@ -306,7 +306,8 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
     parts: dict[str, dict[int, list[pa.Table]]] = {t: {} for t in SCHEMAS}
     seen_files: dict[tuple[int, int], Path] = {}
     seen_content: dict[tuple, Path] = {}
-    for table, rank, _seg, file in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
+    segment_rows: list[tuple[str, int, int, int]] = []  # table, rank, seg, rows read
+    for table, rank, seg, file in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
         try:
             st = os.stat(file)
             identity = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
@@ -340,12 +341,13 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
                 f"{rec.describe()}",
             )
         parts[table].setdefault(rank, []).append(data)
+        segment_rows.append((table, rank, seg, data.num_rows))
 
     per_rank = {
         t: {r: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for r, ts in ranks.items()}
         for t, ranks in parts.items()
     }
-    _check_counts(root, manifests, per_rank, problems)
+    _check_counts(root, manifests, segment_rows, problems)
     merge_fn = merge or merge_ranks
     tables = {t: merge_fn(t, per_rank[t], manifests) for t in SCHEMAS}
     return Run(root, manifests, tables, per_rank, recovery, problems)
@@ -354,18 +356,23 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
 def _check_counts(
     root: Path,
     manifests: Mapping[int, dict],
-    per_rank: Mapping[str, Mapping[int, pa.Table]],
+    segment_rows: list[tuple[str, int, int, int]],
     problems: list[str],
 ) -> None:
-    """A closed manifest says how many rows each table has on disk: say so when the
-    rows read differ (lost to damage, or files added)."""
+    """A closed manifest says how many rows its writer's segments (those from
+    ``first_segment`` on; earlier ones are a restarted job's) hold on disk: say so when
+    the rows read differ (lost to damage, or files added)."""
     for rank, manifest in sorted(manifests.items()):
         written = manifest.get("rows_written")
-        if "closed_at" not in manifest or not isinstance(written, dict):
-            continue
+        first = manifest.get("first_segment")
+        if "closed_at" not in manifest or not isinstance(written, dict) or first is None:
+            continue  # written before the count could be checked
         for table in SCHEMAS:
             expected = written.get(table, 0)
-            got = per_rank[table][rank].num_rows if rank in per_rank[table] else 0
+            start = first.get(table, float("inf"))
+            got = sum(
+                n for t, r, seg, n in segment_rows if t == table and r == rank and seg >= start
+            )
             if got < expected:
                 _warn(
                     problems,

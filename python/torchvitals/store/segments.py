@@ -142,6 +142,9 @@ class SegmentFiles:
         self.rows_lost: dict[str, int] = {t: 0 for t in SCHEMAS}
         self._open: dict[str, _Segment] = {}
         self._next: dict[str, int] = {}  # number of the next segment to open, per table
+        #: per table, the first segment this writer opened in the current directory (the
+        #: segments before it were there already: a restarted job's)
+        self.first_segment: dict[str, int] = {}
         # closed segments: (table, name, (st_dev, st_ino), rows)
         self._done: list[tuple[str, str, tuple[int, int], int]] = []
 
@@ -188,6 +191,7 @@ class SegmentFiles:
                     )
                 continue
             self._next[table] = number + 1
+            self.first_segment.setdefault(table, number)
             return seg
 
     def write(self, table: str, batch: pa.RecordBatch) -> None:
@@ -286,6 +290,7 @@ class SegmentFiles:
         self._open.clear()
         self._done.clear()
         self._next.clear()
+        self.first_segment.clear()
         lost = {t: n for t, n in self.rows_written.items() if n}
         for table, rows in lost.items():
             self.rows_lost[table] += rows

@@ -227,6 +227,7 @@ class RunWriter:
                     rows_lost=self.rows_lost,
                     write_retries=self.write_retries,
                     run_dir_lost=self.run_dir_lost,
+                    first_segment=self._segments.first_segment,
                 )
             except OSError as exc:
                 self._faults.stall(exc, self._manifest.path, self.dropped)
