@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -137,6 +138,12 @@ def test_bad_findings_and_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="not a pre-flight report"):
         PreflightReport.from_dict({"seconds": {}})
     assert read_preflight(tmp_path) is None
-    (tmp_path / "preflight.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match=r"preflight\.json: not a valid pre-flight report"):
+    path = tmp_path / "preflight.json"
+    for text in ("[1, 2]", "{", "[" * 100_000):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=r"preflight\.json: not a valid pre-flight report"):
+            read_preflight(tmp_path)
+    path.unlink()
+    os.mkfifo(path)  # nothing writes to it: a blocking read would hang
+    with pytest.raises(ValueError, match=r"preflight\.json: not a readable pre-flight report"):
         read_preflight(tmp_path)
