@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import torchvitals
+from torchvitals.store import segments
 
 TRAINER = textwrap.dedent(
     """
@@ -79,7 +81,7 @@ def on_disk(path, last: int) -> bool:
     )
 
 
-def test_full_disk_keeps_training_and_warns_once(tmp_path):
+def test_full_disk_keeps_training_and_warns_once(tmp_path, monkeypatch):
     path = tmp_path / "run"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -87,8 +89,11 @@ def test_full_disk_keeps_training_and_warns_once(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mon = torchvitals.Monitor(model, path, optimizer=opt, flush_interval=0.05)
-        for table in ("scalars", "layers", "hist"):  # the disk fills up after the start
-            (path / f"{table}.rank0.000000.arrows").symlink_to("/dev/full")
+
+        def disk_full(fd, data):  # the disk fills up after the start
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(segments, "write_all", disk_full)
         for _ in range(20):
             loss = model(torch.randn(4, 4)).pow(2).mean()
             opt.zero_grad()

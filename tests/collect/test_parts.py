@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -141,7 +140,9 @@ def test_step_record_columns_from_plain_data():
     reductions = StepReductions()
     g1, g2 = torch.tensor([3.0, 4.0]), torch.tensor([float("nan"), 12.0])
     reductions.reduce("grad", ["a", "b"], [g1, g2])
-    reductions.reduce("act", ["r"], [torch.zeros(2, 3)], [1], [6.0], ["linear"])
+    x = torch.tensor([[-1.0, 7.0, 0.5], [-2.0, 0.0, 0.5]])
+    reductions.reduce("act", ["l", "r"], [x, x.relu()], [None, 1], [6.0, None],
+                      ["linear", "rectifier"])  # fmt: skip
     record = StepRecord.start(7, reductions.take(), {"loss": 1.5}, {}, histograms=True)
     scalars = record.scalar_columns()
     values = dict(zip(scalars["name"], scalars["value"], strict=True))
@@ -149,13 +150,16 @@ def test_step_record_columns_from_plain_data():
     assert values["grad_norm"] == pytest.approx(math.sqrt(9 + 16 + 144))
     assert values["grad_nonfinite"] == 1.0
     layers = record.layer_columns()
-    assert layers["layer"] == ["a", "b", "r"] and layers["kind"] == ["grad", "grad", "act"]
+    assert layers["layer"] == ["a", "b", "l", "r"]
+    assert layers["kind"] == ["grad", "grad", "act", "act"]
     # measured where the role measures it, null (masked) elsewhere
-    assert layers["dead_units"].mask.all() and layers["saturated"].mask.all()
-    assert layers["large"].mask.tolist() == [True, True, False] and layers["large"][2] == 0
-    np.testing.assert_array_equal(layers["units"], [0, 0, 3])
+    assert layers["saturated"].mask.all()
+    assert layers["large"].mask.tolist() == [True, True, False, True] and layers["large"][2] == 1
+    assert layers["units"].mask.tolist() == [True, True, True, False] and layers["units"][3] == 3
+    assert layers["dead_units"].mask.tolist() == [True, True, True, False]
+    assert layers["dead_units"][3] == 1  # the first unit is never positive
     hist = record.hist_columns()
-    assert hist["counts"].shape[0] == 3 and hist["counts"].sum() == 2 + 2 + 6
+    assert hist["counts"].shape[0] == 4 and hist["counts"].sum() == 2 + 2 + 6 + 6
 
 
 def test_manifest_lists_layers_and_what_is_recorded_of_them():

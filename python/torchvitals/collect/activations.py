@@ -103,7 +103,7 @@ class ActivationCapture:
                 return
             # (Compiled graphs functionalize in-place ops: the stashed value is the hook's.)
             if not compiling and spec.name in self._reduce_in_hook:  # overwritten later
-                dim = feature_dim(spec, x.dim(), None)
+                dim = feature_dim(spec, x.dim(), None) if spec.has_units else None
                 self._reductions.reduce("act", [spec.name], [x], [dim], [spec.saturation],
                                         [spec.role])  # fmt: skip
             else:
@@ -156,7 +156,7 @@ class ActivationCapture:
                 previous = (x.dim(), dim)
             names.append(spec.name)
             tensors.append(x)
-            dims.append(dim)
+            dims.append(dim if spec.has_units else None)
             thresholds.append(spec.saturation)
             roles.append(spec.role)
         reductions = self._reductions.compute("act", names, tensors, dims, thresholds, roles)

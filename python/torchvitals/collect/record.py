@@ -25,6 +25,7 @@ MEASURES = ("rectifier", "named", "bounded", "probabilities", "linear", "norm")
 #: The engine's "saturated" count is |x| >= the module's threshold: saturation of a bounded
 #: activation, a large pre-activation (|x| >= 6) on a linear layer or norm.
 MEASURED_COLUMNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "units": ("units", ("rectifier", "named", "bounded", "probabilities")),
     "dead_units": ("dead_units", ("rectifier", "named")),
     "saturated": ("saturated", ("bounded", "probabilities")),
     "saturated_units": ("saturated_units", ("bounded", "probabilities")),

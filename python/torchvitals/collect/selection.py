@@ -81,6 +81,13 @@ class HookSpec:
     counts_dead: bool = False
     role: Role = "named"
 
+    @property
+    def has_units(self) -> bool:
+        """Whether per-unit counts (dead or saturated units) are measured: not on linear
+        layers and norms, whose elements are only counted (``large``), so the engine
+        skips the unit flags there. Their feature dim still guides the activation after."""
+        return self.role not in ("linear", "norm")
+
 
 def role_of(module: nn.Module) -> Role | None:
     """The module's role, or None when it is none the Monitor knows."""
