@@ -432,9 +432,33 @@ def _body_sums(bodies: list) -> list[int]:
     return list(_pool.map(one, bodies))
 
 
-def read_stream(data: bytes) -> StreamContents:
+def read_stream(data: bytes, schema: pa.Schema | None = None) -> StreamContents:
     """Every intact record batch of the Arrow IPC stream ``data``, and what was damaged.
 
+    ``schema``: the schema the segment should have. When nothing could be read with the
+    segment's own schema message (damaged), the walk is tried again with this one in its
+    place; the checksums (which cover the schema) decide whether it was the right one.
     Never raises for damaged input: what could not be read is in ``damage``.
     """
-    return _Walk(data).run()
+    out = _Walk(data).run()
+    if schema is None or out.batches or not out.damage:
+        return out
+    first = _Walk(data)
+    try:
+        _message, start = first.message_at(0)
+    except (pa.ArrowException, OSError, EOFError, ValueError):
+        start = first.next_start(0)
+    if start >= len(data):
+        return out
+    own = schema.serialize().to_pybytes()
+    if data[:start] == own:
+        return out  # the schema message was intact: nothing more to try
+    alt = _Walk(own + data[start:]).run()
+    if not alt.batches:
+        return out
+    shift = start - len(own)
+    alt.damage = [Damage(0, 0, "schema message damaged; read with the table's schema")] + [
+        Damage(d.offset + shift, d.rows, d.error) for d in alt.damage
+    ]
+    alt.clean_end = False
+    return alt

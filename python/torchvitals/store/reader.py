@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .integrity import Damage, read_stream
+from .integrity import Damage, read_stream, with_checksum_flag
 from .layout import (
     NotRegularFileError,
     looks_like_run_file,
@@ -124,7 +124,7 @@ def _read_segment(
         )
         damage = (Damage(0, None, f"not read: {why}"),)
         return empty_table(table), SegmentRecovery(str(path), table, rank, 0, 0, why, damage), ()
-    contents = read_stream(data)
+    contents = read_stream(data, with_checksum_flag(SCHEMAS[table]))
     damage = list(contents.damage)
     schema = contents.schema
     batches = contents.batches
