@@ -233,3 +233,45 @@ def test_unclosed_run_and_repr(tmp_path):
     run = load_run(path)
     assert run.closed and "scalars=1" in repr(run) and run.hist.num_rows == 0
     assert run.hist.schema.equals(SCHEMAS["hist"], check_metadata=False)
+
+
+def test_a_rank_above_the_world_size_loads(tmp_path):
+    """Monitor(rank=3) without world_size writes world_size 1: still a run."""
+    path = str(tmp_path / "run")
+    with RunWriter(path, manifest={"world_size": 1}, rank=3) as w:
+        w.submit("scalars", {"step": 0, "name": "loss", "value": 1.0})
+    run, _msgs = load_quiet(path)  # ranks 0-2 missing: a MissingRanksWarning, not an error
+    assert run.ranks == [3] and run.scalar("loss", rank=3)[1].tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"world_size": 0}, r"'world_size' must be an integer in \[1, 1048576\]"),
+        ({"world_size": True}, "'world_size' must be an integer"),
+        ({"rank": 5}, "'rank' is 5 but the file name says rank 0"),
+        ({"distributed": [1]}, "'distributed' must be an object"),
+        ({"distributed": {"sharded": {"w": {"recorded_by": [2**40]}}}}, "recorded_by holds"),
+        ({"rows_written": {"nope": 1}}, "names unknown table"),
+    ],
+)
+def test_manifest_limits_are_named(run_dir, edit, match):
+    p = os.path.join(run_dir, "manifest.rank0.json")
+    m = json.loads(Path(p).read_text())
+    m.update(edit)
+    os.unlink(p)
+    Path(p).write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=match) as ei:
+        load_run(run_dir)
+    assert p in str(ei.value)
+
+
+def test_edited_manifest_is_flagged(run_dir):
+    p = os.path.join(run_dir, "manifest.rank0.json")
+    m = json.loads(Path(p).read_text())
+    m["device"] = "cuda:7"
+    os.unlink(p)
+    Path(p).write_text(json.dumps(m))
+    run, msgs = load_quiet(run_dir)
+    assert run.manifest["device"] == "cuda:7"
+    assert msgs == run.problems and len(msgs) == 1 and "does not match its checksum" in msgs[0]

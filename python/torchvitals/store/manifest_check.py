@@ -55,7 +55,7 @@ def _count(path: object, obj: dict, key: str) -> None:
         raise _fail(path, f"{key!r} must be a non-negative integer, got {value!r:.60}")
 
 
-def _distributed(path: object, dist: Any, world: int | None) -> None:
+def _distributed(path: object, dist: Any) -> None:
     if dist is None:
         return
     if not isinstance(dist, dict):
@@ -72,7 +72,7 @@ def _distributed(path: object, dist: Any, world: int | None) -> None:
         raise _fail(
             path, f"'distributed.sharded' has {len(sharded)} entries (at most {MAX_SHARDED})"
         )
-    limit = world if world is not None else MAX_RANKS
+    limit = MAX_RANKS  # not the world size: a caller may give a rank above it
     for name, entry in sharded.items():
         where = f"'distributed.sharded[{name!r:.80}]'"
         if not isinstance(entry, dict):
@@ -113,9 +113,7 @@ def check_manifest(text: bytes, path: object, rank: int) -> tuple[dict, list[str
     world = obj.get("world_size")
     if world is not None and not (_is_int(world) and 1 <= world <= MAX_RANKS):
         raise _fail(path, f"'world_size' must be an integer in [1, {MAX_RANKS}], got {world!r:.40}")
-    if world is not None and rank >= world:
-        raise _fail(path, f"rank {rank} is not below 'world_size' {world}")
-    _distributed(path, obj.get("distributed"), world)
+    _distributed(path, obj.get("distributed"))
     closed = obj.get("closed_at")
     if closed is not None and not isinstance(closed, str):
         raise _fail(path, f"'closed_at' must be a string, got {closed!r:.40}")
