@@ -218,7 +218,8 @@ class RunWriter:
                 )
         _LIVE.discard(self)
         if not self._faults.writing_disabled:
-            self._check_directory(everything=True)
+            if not self._thread.is_alive():  # else the thread still owns the segments
+                self._check_directory(everything=True)
             try:
                 self._manifest.write_closed(
                     dropped=self.dropped,
