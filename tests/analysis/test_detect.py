@@ -64,13 +64,26 @@ def test_lr_step_drop(n, noise):
     assert len(kinds(ev2, "kick_in")) == 1 and not kinds(ev2, "lr_drop")
 
 
-def test_lr_change_without_effect_is_not_lr_drop():
+def test_lr_change_without_effect_is_an_lr_drop_with_no_measurable_effect():
     rng = np.random.default_rng(3)
     n = 300
     loss = base_curve(n, rng, 0.01)
     lr = np.where(np.arange(n) < 150, 0.1, 0.01)
     ev = detect_events(loss=loss, lr=lr)
-    assert not kinds(ev, "lr_drop") and not kinds(ev, "kick_in")
+    assert not kinds(ev, "kick_in")
+    (ld,) = kinds(ev, "lr_drop")
+    assert ld.step == 150 and ld.evidence["confidence"] == "none"
+    assert ld.evidence["lr_ratio"] == pytest.approx(0.1)
+    assert "no measurable effect" in ld.cause
+
+
+def test_lr_rise_is_an_event():
+    rng = np.random.default_rng(5)
+    n = 300
+    loss = base_curve(n, rng, 0.01)
+    lr = np.where(np.arange(n) < 100, 0.01, 0.05)
+    (lr_rise,) = kinds(detect_events(loss=loss, lr=lr), "lr_rise")
+    assert lr_rise.step == 100 and lr_rise.evidence["lr_ratio"] == pytest.approx(5.0)
 
 
 @pytest.mark.parametrize("n", [300, 30_000])
@@ -260,7 +273,9 @@ def test_fake_run_path():
     ld = kinds(ev, "lr_drop")
     assert len(ld) == 1 and abs(ld[0].step - 120) <= 1
     # attribution: l1's gradient norm surged 5 steps before, then the LR change
-    assert ld[0].layers[0][:2] == ("l1", "grad_norm") and ld[0].layers[0][3] == 5
+    # anchored at the LR change: the LR comes first (lead 0); the attribution looks for
+    # layer changes after it, so l1's gradient surge 5 steps before is not its response
+    assert ld[0].layers[0][:2] == ("*", "lr") and ld[0].layers[0][3] == 0
     assert any(m == "lr" for _, m, _, _ in ld[0].layers)
     assert ("saturation", "l1") in {(e.kind, e.layer) for e in ev}
     dead = [e for e in ev if e.kind == "dead_units"]

@@ -72,14 +72,6 @@ def test_lr_step_is_an_lr_drop(lr_step):
     assert not kinds(r.events, "nonfinite"), r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lr_drop onset placed before the LR change: in the same run with seed 4 the "
-    "lr_drop is found at step 250, but evidence['loss_onset_step'] is 221 (29 steps before "
-    "the LR is cut at 250; the loss cannot respond before step 251). Attribution is centred "
-    "on that onset with H = 10, so the LR change at 250 falls outside [211, 231] and the "
-    "lr_drop's attribution does not contain the LR at all (only 0.bias weight_norm).",
-)
 def test_lr_step_attribution_names_the_lr_other_seed(tmp_path_factory):
     r = tr.record(tmp_path_factory, tr.lr_step, "lr_step_seed4", seed=4)
     drops = kinds(r.events, "lr_drop")
@@ -170,14 +162,6 @@ def test_single_corrupted_batch_is_at_most_an_outlier(corrupted):
     assert not [e for e in r.events if e.kind != "outlier" and abs(e.step - one) <= 5], r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recovery is judged on linear scale: 5 batches of inputs x100 at step 280 "
-    "(no other corruption) are reported as 'spike x2.82e+03, recovered in 4 steps' "
-    "(280-284), while the median loss over steps 285-299 is 1490 (baseline 0.60) and the "
-    "run ends at a median 16.8 over steps 390-399, 28x the level before the corruption. "
-    "Undoing 90% of a x2800 jump counts as recovered; no divergence is reported.",
-)
 def test_inputs_x100_recovery_is_real(tmp_path_factory):
     r = tr.record(tmp_path_factory, tr.corrupted_batches, "x100", how="scale", one=False)
     at = tr.CORRUPT_AT

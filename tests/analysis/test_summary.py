@@ -43,12 +43,41 @@ def test_worst_layers_ranks_by_score():
     rows = worst_layers(synthetic_series())
     assert [r["layer"] for r in rows] == ["head", "relu", "fc", "calm"]
     head, relu, fc, calm = rows
-    assert head == {"layer": "head", "score": 10.0, "nonfinite": 5.0, "grad_norm_last": 1.0}
-    assert relu == {"layer": "relu", "score": 1.1, "max_dead_frac": 0.9, "max_sat_frac": 0.2}
+    assert head == {
+        "layer": "head",
+        "severity": "critical",
+        "findings": "nonfinite",
+        "score": 10.0,
+        "nonfinite": 5.0,
+        "grad_norm_last": 1.0,
+    }
+    assert relu == {
+        "layer": "relu",
+        "severity": "critical",
+        "findings": "dead_units",
+        "score": 1.1,
+        "max_dead_frac": 0.9,
+        "max_sat_frac": 0.2,
+    }
     assert fc == {"layer": "fc", "score": 0.8, "grad_norm_last": 100.0, "grad_norm_range": 4.0}
     assert calm == {"layer": "calm", "score": 0.01, "max_dead_frac": 0.01}
     for row in rows:
         assert set(row) <= set(WORST_COLUMNS)
+
+
+def test_worst_layers_put_warnings_before_a_large_gradient_range():
+    n = 200
+    t = np.arange(n)
+    series = {
+        # 30% saturated tanh units: a warning finding
+        "sat_frac/tanh": np.where(t < 50, 0.0, 0.3),
+        # six decades of gradient-norm range, no finding of its own
+        "grad_norm/fc.weight": np.logspace(-3, 3, n),
+    }
+    rows = worst_layers(series)
+    assert rows[0]["layer"] == "tanh" and rows[0]["severity"] == "warning"
+    assert rows[0]["findings"] == "saturation"
+    assert rows[1]["layer"] == "fc.weight" and rows[1]["score"] > rows[0]["score"]
 
 
 def test_worst_layers_limit_and_rounding():

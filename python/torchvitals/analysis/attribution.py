@@ -8,6 +8,10 @@ and the first point in ``[t0 - H, t0 + H]`` that leaves it by more than
 transition or recovery length, at least 3 points). Norms, LR and loss scale are compared on
 log scale (floor: x1.5), fractions as differences (floor: 0.05 absolute).
 
+``lr_drop`` / ``lr_rise`` are anchored at the LR change itself: the baseline is the median
+over ``[t0 - 4H, t0)`` and changes are looked for in ``[t0, t0 + H]`` after it, with ``H``
+three response times of the loss (at least 3 points, at least the event's own length).
+
 The result is a list of ``(layer, metric, change, lead_steps)`` ranked by how early the
 change happened (largest lead first), then by its size relative to the threshold. Global
 series use the layer name ``"*"``.
@@ -28,7 +32,7 @@ MAX_LOCAL = 1024
 TOP = 10
 
 _LOG_METRICS = {"grad_norm", "weight_norm", "lr", "loss_scale", "act_grad_norm"}
-_FRAC_METRICS = {"dead_frac", "sat_frac"}
+_FRAC_METRICS = {"dead_frac", "sat_frac", "large_frac"}
 
 
 def _candidates(lr, scalars: dict, layer_series: dict):
@@ -50,11 +54,13 @@ def _local(v: np.ndarray, a: int, b: int):
     return seg, None
 
 
-def _change(step, v, metric, i0, H):
-    """(change, lead_steps, score) or None."""
+def _change(step, v, metric, i0, H, after=False):
+    """(change, lead_steps, score) or None. ``after``: only look at ``[i0, i0 + H]``."""
     n = v.size
     a = max(0, i0 - 4 * H)
     hi = min(n, i0 + H + 1)
+    if after:
+        H = 0  # baseline [i0 - 4H, i0), search [i0, i0 + H]
     seg, bnd = _local(v, a, hi)
     st = step[a:hi] if bnd is None else step[a:hi][bnd[:-1]]
     if metric in _LOG_METRICS:
@@ -136,16 +142,21 @@ def attribute(
     for ev in events:
         if ev.kind not in ATTRIBUTED_KINDS:
             continue
-        s0 = ev.evidence.get("loss_onset_step", ev.step) if ev.kind == "lr_drop" else ev.step
+        anchored = ev.kind in ("lr_drop", "lr_rise") and "lr_change_step" in ev.evidence
+        s0 = ev.evidence["lr_change_step"] if anchored else ev.step
         i0 = int(np.searchsorted(step, s0))
         i0 = min(max(i0, 0), step.size - 1)
-        if ev.kind == "spike":
+        if anchored:
+            resp = ev.evidence.get("response_points", 0.0)
+            own = int(np.searchsorted(step, ev.end_step)) - i0
+            H = max(3, int(3 * resp), own)
+        elif ev.kind == "spike":
             H = max(3, int(ev.evidence.get("recovery_points", 3)))
         else:
             H = max(3, horizon)
         ranked = []
         for layer, metric, v in cands:
-            r = _change(step, np.asarray(v), metric, i0, H)
+            r = _change(step, np.asarray(v), metric, i0, H, after=anchored)
             if r is not None:
                 ranked.append((layer, metric, r[0], r[1], r[2]))
         ranked.sort(key=lambda t: (-t[3], -t[4]))

@@ -38,6 +38,7 @@ from .divergence import level_divergence
 from .events import Event
 from .excursions import find_excursions
 from .improvements import find_improvements
+from .lrchanges import lr_events
 from .plateaus import find_plateaus
 from .series import COARSE_POINTS, block_bounds, block_reduce, diff_noise, fill_nan, fit_scale
 
@@ -95,6 +96,43 @@ def analyse_curve(step, x, lr=None, higher_is_better=False, metric="loss"):
         exc = [e for e in exc if e.step < div.step]
         events.append(div)
     events.extend(exc)
-    events.extend(t[0] for t in imps)
-    events.extend(find_plateaus(ctx, imps, metric, {id(e): end for e, _, _, end in imps}))
+    lrs = lr_events(step, y, index, lr, scale, metric) if lr is not None else []
+    kept = _merge_lr(lrs, [t[0] for t in imps], step)
+    events.extend(lrs)
+    events.extend(e for e in (t[0] for t in imps) if id(e) in kept)
+    plateaus = find_plateaus(ctx, imps, metric, {id(e): end for e, _, _, end in imps})
+    events.extend(plateaus)
     return events, ctx
+
+
+def _merge_lr(lrs, imps, step) -> set[int]:
+    """One event per phenomenon: an improvement that is the response to a logged LR drop
+    is folded into that ``lr_drop`` (anchored at the LR change). Returns the ids of the
+    improvements that stay events of their own."""
+    kept = {id(e) for e in imps}
+    span = max(1, int(step[-1] - step[0]))
+    for imp in imps:
+        best = None
+        for ev in lrs:
+            if ev.kind != "lr_drop":
+                continue
+            s_c = ev.evidence["lr_change_step"]
+            win = max(ev.evidence.get("window_points", 5), 3) * span / max(1, step.size - 1)
+            same = imp.evidence.get("lr_change_step") == s_c
+            close = same or (s_c - 0.5 * win <= imp.step <= s_c + win)
+            if close and (best is None or abs(imp.step - s_c) < abs(best.step - s_c)):
+                best = ev
+        if best is None:
+            continue
+        kept.discard(id(imp))
+        e = best.evidence
+        e["curve_log_drop"] = imp.evidence.get("log_drop", float("nan"))
+        e["curve_onset_step"] = float(imp.step)
+        best.end_step = max(best.end_step, imp.end_step)
+        if e.get("confidence") == "none":
+            e["confidence"] = "medium"
+            best.cause = (
+                f"LR x{e['lr_ratio']:.3g} at step {best.step}: {imp.metric} improved "
+                f"x{imp.evidence.get('ratio', float('nan')):.3g} (found on the curve)"
+            )
+    return kept

@@ -15,10 +15,18 @@ Inputs (all arrays 1-D and aligned with ``step``):
     * ``grad_norm``   - gradient L2 norm of the layer
     * ``weight_norm`` - weight L2 norm
     * ``dead_frac``   - fraction of units that never activate (0..1)
-    * ``sat_frac``    - fraction of saturated activations (0..1)
+    * ``sat_frac``    - fraction of saturated activations (0..1; bounded activations only)
+    * ``large_frac``  - fraction of |x| >= 6 in a linear layer's or norm's output (0..1)
     * ``act_grad_norm`` - L2 norm of the activation gradient
     * ``nonfinite``   - count of NaN/Inf elements (any tensor of the layer)
+    * ``nonfinite_act`` / ``nonfinite_grad`` / ``nonfinite_act_grad`` / ``nonfinite_weight``
+      - the same per kind of tensor, used to find where the first NaN was made
+      (:mod:`torchvitals.analysis.nonfinite`); layer series are expected in forward order.
 
+``metric``
+    with a ``run``: the scalar the curve events are computed on (default ``"loss"``; any
+    scalar the user logged, e.g. ``"val/loss"`` or, with ``higher_is_better=True``,
+    ``"val/acc"``).
 ``run``
     alternatively a recorded run with pyarrow tables ``run.scalars`` / ``run.layers``
     (docs/schema.md); converted by :func:`torchvitals.analysis.runtables.series_from_run`.
@@ -39,12 +47,25 @@ import numpy as np
 from .attribution import attribute
 from .curve import analyse_curve
 from .events import Event
-from .layers import initial_loss_finding, layer_findings, nonfinite_onsets
+from .layers import aggregate, initial_loss_finding, layer_findings, nonfinite_onsets
+from .nonfinite import origin
 from .runtables import series_from_run
 from .series import as_1d
 
 SCALAR_KEYS = ("grad_norm", "loss_scale")
-LAYER_METRICS = ("grad_norm", "weight_norm", "dead_frac", "sat_frac", "act_grad_norm", "nonfinite")
+LAYER_METRICS = (
+    "grad_norm",
+    "weight_norm",
+    "dead_frac",
+    "sat_frac",
+    "large_frac",
+    "act_grad_norm",
+    "nonfinite",
+    "nonfinite_act",
+    "nonfinite_grad",
+    "nonfinite_act_grad",
+    "nonfinite_weight",
+)
 
 
 def _validate(loss, step, lr, layer_series):
@@ -99,7 +120,10 @@ def _nonfinite_event(step, loss, series, curve_events):
     if g is not None and not np.isfinite(g).all():
         sources.append((int(step[np.argmin(np.isfinite(g))]), "grad_norm"))
     onsets = nonfinite_onsets(step, series)
-    if onsets:
+    src = origin(step, series)
+    if src is not None:
+        sources.append((src["step"], f"layer {src['layer']}"))
+    elif onsets:
         sources.append((onsets[0][0], f"layer {onsets[0][1]}"))
     if not sources:
         return None
@@ -107,7 +131,25 @@ def _nonfinite_event(step, loss, series, curve_events):
     what = ", ".join(f"{w} at step {s}" for s, w in sorted(sources))
     ev = Event("nonfinite", at, at, "critical", f"first non-finite values: {what}", {})
     ev.evidence["first_step"] = float(at)
-    if onsets:
+    if src is not None:
+        ev.cause += (
+            f"; made in the {src['made_in']} of {src['layer']} "
+            f"({src['confidence']} confidence: {src['note']})"
+        )
+        ev.evidence["origin_layer"] = src["layer"]
+        ev.evidence["origin_kind"] = src["kind"]
+        ev.evidence["made_in"] = src["made_in"]
+        ev.evidence["confidence"] = src["confidence"]
+        ev.evidence["first_layer_step"] = float(src["step"])
+        ev.layer = src["layer"]
+        first = [src["layer"], *[c for c in src["candidates"] if c != src["layer"]]]
+        cnt = {lay: c for s, lay, c in onsets}
+        rest = [lay for s, lay, c in onsets if lay not in first]
+        ev.layers = [(lay, "nonfinite", cnt.get(lay, 0.0), 0) for lay in first] + [
+            (lay, "nonfinite", cnt[lay], int(at - s)) for s, lay, c in onsets if lay in rest
+        ]
+        ev.layers = ev.layers[:10]
+    elif onsets:
         ev.layers = [(lay, "nonfinite", cnt, int(at - s)) for s, lay, cnt in onsets[:10]]
         ev.evidence["first_layer_step"] = float(onsets[0][0])
     return ev
@@ -140,13 +182,14 @@ def detect_events(
     loss=None,
     step=None,
     lr=None,
+    metric: str = "loss",
     higher_is_better: bool = False,
     num_classes: int | None = None,
     **layer_series,
 ) -> list[Event]:
     """Detect training events; see the module docstring for inputs and outputs."""
     if run is not None:
-        r_step, r_loss, r_lr, r_series = series_from_run(run)
+        r_step, r_loss, r_lr, r_series = series_from_run(run, metric)
         if loss is None:
             loss = r_loss
             step = r_step if step is None else step
@@ -154,27 +197,28 @@ def detect_events(
             lr = r_lr
         layer_series = {**r_series, **layer_series}
     loss, step, lr, series = _validate(loss, step, lr, layer_series)
-    metric = "accuracy" if higher_is_better else "loss"
+    if metric == "loss":
+        metric = "accuracy" if higher_is_better else "loss"
     curve_events, ctx = analyse_curve(step, loss, lr, higher_is_better, metric)
     events = [e for e in curve_events if e.kind != "nonfinite"]
     nf = _nonfinite_event(step, loss, series, curve_events)
     if nf is not None:
         events.append(nf)
-    if not higher_is_better:
+    if not higher_is_better and metric == "loss":
         il = initial_loss_finding(step, loss, num_classes)
         if il is not None:
             events.append(il)
     layer_only = {k: v for k, v in series.items() if "/" in k}
     findings = layer_findings(step, layer_only)
     _downgrade_growth_while_learning(findings, events, step)
-    events.extend(findings)
+    events.extend(aggregate(findings))
     block = int(ctx.bounds[1] - ctx.bounds[0]) if ctx.bounds.size > 1 else 1
     attribute(
         events,
         step,
         lr=lr,
         scalars={k: series[k] for k in SCALAR_KEYS if k in series},
-        layer_series={k: v for k, v in layer_only.items() if not k.startswith("nonfinite/")},
+        layer_series={k: v for k, v in layer_only.items() if not k.startswith("nonfinite")},
         horizon=max(3, ctx.window * block),
     )
     events.sort(key=lambda e: (e.step, e.kind))

@@ -15,18 +15,28 @@ from typing import Any
 SEVERITIES = ("info", "warning", "critical")
 
 #: Loss-curve kinds.
-CURVE_KINDS = ("plateau", "kick_in", "lr_drop", "divergence", "spike", "outlier", "nonfinite")
+CURVE_KINDS = (
+    "plateau",
+    "kick_in",
+    "lr_drop",
+    "lr_rise",
+    "divergence",
+    "spike",
+    "outlier",
+    "nonfinite",
+)
 #: Layer / run-configuration kinds.
 LAYER_KINDS = (
     "dead_units",
     "saturation",
+    "large_activations",
     "vanishing_gradient",
     "exploding_gradient",
     "weight_norm_growth",
     "initial_loss",
 )
 #: Kinds that get a ranked layer attribution.
-ATTRIBUTED_KINDS = ("kick_in", "lr_drop", "spike", "divergence")
+ATTRIBUTED_KINDS = ("kick_in", "lr_drop", "lr_rise", "spike", "divergence")
 
 
 def _clean(v: Any) -> Any:
@@ -53,8 +63,10 @@ class Event:
         end_step: last step of the event (end of the transition / recovery / stretch).
         severity: ``"info"``, ``"warning"`` or ``"critical"``.
         cause: short human-readable explanation.
-        evidence: numbers supporting the finding (effect sizes, levels, ratios, z-scores).
-        layers: ranked attribution, a list of ``(layer, metric, change, lead_steps)``:
+        evidence: numbers supporting the finding (effect sizes, levels, ratios, z-scores),
+            and a few labels (``confidence``, ``origin_layer``, ``made_in``).
+        layers: ranked attribution, a list of ``(layer, metric, change, lead_steps)`` (for
+            an aggregated layer finding: the layers it involves, ``change`` its size there):
             ``change`` is a log-ratio for norms / LR / loss scale and a difference for
             fractions, ``lead_steps`` > 0 means the change happened before ``step``.
         layer: the layer a layer finding is about (``None`` for curve events).

@@ -1,12 +1,22 @@
 """Excursions at full resolution: spikes, single-point outliers and sudden divergence.
 
 Each point is compared with the median of the preceding five blocks (block size
-``ceil(N / 4096)``). Points more than ``max(5 sigma, 0.1)`` above that baseline open an
-excursion (sigma: robust, local point-to-point noise). The curve has come back once the
-median of three consecutive points is within ``max(3 sigma, 0.05)`` of the baseline on log
-scale or has undone 97% of the jump on linear scale; the recovery time is taken where 90%
-is undone. One elevated point is an ``outlier``, two or more a ``spike``, never coming back
-a ``divergence``; later jumps inside an excursion's log-scale tail are aftershocks.
+``ceil(N / 4096)``): the pre-excursion baseline. Points more than ``max(5 sigma, 0.1)``
+above it open an excursion (sigma: robust, local point-to-point noise). The excursion is
+over when the curve is back within the noise band of that baseline: the median of three
+consecutive points within ``max(3 sigma, 0.05)`` of it on log scale. Undoing most of a
+large jump is not a recovery while the loss is still well above the baseline.
+
+``evidence``: ``baseline``, ``peak`` (linear), ``ratio`` (peak / baseline), ``end_level``
+(the level where it ended), ``recovery_steps`` (onset to back in the band),
+``recovery_90_steps`` (onset to 90% of the jump undone on linear scale), ``area``
+(the excess log-loss summed over the excursion, in log-units x steps: how much training it
+cost) and ``steps_above_2x`` (steps spent above twice the baseline).
+
+One elevated point that is back in the band at the next point is an ``outlier`` (info);
+anything longer a ``spike`` (warning; critical when it lasts more than max(10 points, 1% of
+the run)); never coming back a ``divergence``. Later jumps inside an excursion's tail are
+aftershocks.
 """
 
 from __future__ import annotations
@@ -88,6 +98,21 @@ def _recovery(y, i, b0, thr_lo, lin):
     return None, None, peak_idx, peak_lin
 
 
+def _back_in_band(y: np.ndarray, start: int, level: float) -> int | None:
+    """First index >= ``start`` where the median of three consecutive points is <= ``level``."""
+    n = y.size
+    chunk = 64
+    while start < n:
+        stop = min(n, start + chunk)
+        m3 = _median3_from(y[start : min(n, stop + 2)])[: stop - start]
+        hit = np.flatnonzero(m3 <= level)
+        if hit.size:
+            return start + int(hit[0])
+        start = stop
+        chunk *= 4
+    return None
+
+
 def find_excursions(step, y, scale: Scale, metric: str):
     n = y.size
     events: list[Event] = []
@@ -120,6 +145,7 @@ def find_excursions(step, y, scale: Scale, metric: str):
     tail_end, tail_level = 0, -np.inf
     divergence = None
     lin = scale.linear
+    pending: list[tuple[int, int, int | None, float, float]] = []
     for i in cand:
         if i < pos:
             continue
@@ -171,16 +197,25 @@ def find_excursions(step, y, scale: Scale, metric: str):
                     )
                 )
             break
-        e = e_lin
+        e90 = e_lin
+        if e_log is None:
+            e_log = _back_in_band(y, e90, b0 + thr_lo)
         # log-scale tail: later jumps below half the peak are aftershocks
-        cap = e + 4 * (e - on) + 5
+        cap = e90 + 4 * (e90 - on) + 5
         tail_end = min(e_log if e_log is not None else n, cap)
         tail_level = b0 + 0.5 * excess
-        t_end = max(e, e_log if e_log is not None else tail_end)
-        n_hi = int(np.sum(y[on:t_end] - b0 > thr_hi[on:t_end]))
-        up_log = (e_log if e_log is not None else tail_end) - on
-        mask[on : max(e, tail_end)] = True
-        if up_log <= 1 or n_hi < 2:
+        pending.append((len(events), on, e_log, b0, thr_lo))
+        e = e_log if e_log is not None else n - 1  # back in the baseline's noise band
+        up_log = e - on
+        mask[on : max(e90, tail_end)] = True
+        exc = np.maximum(y[on:e] - b0, 0.0)
+        dt = np.diff(step[on : e + 1]).astype(np.float64) if e > on else np.zeros(0)
+        ev["area"] = float(np.sum(exc * dt)) if dt.size == exc.size else float(exc.sum())
+        ev["end_level"] = float(lin(np.median(y[e : min(n, e + 3)])))
+        if scale.kind != "asinh":
+            ev["steps_above_2x"] = float(np.sum(dt[y[on:e] - b0 > math.log(2.0)]))
+        n_hi = int(np.sum(y[on : e + 1] - b0 > thr_hi[on : e + 1]))
+        if up_log <= 1 or (n_hi < 2 and up_log <= 3):
             events.append(
                 Event(
                     "outlier",
@@ -196,6 +231,7 @@ def find_excursions(step, y, scale: Scale, metric: str):
             rec_steps = int(step[e] - step[on])
             ev["recovery_steps"] = rec_steps
             ev["recovery_points"] = e - on
+            ev["recovery_90_steps"] = float(step[e90] - step[on])
             slow = e - on > max(10, 0.01 * n)
             events.append(
                 Event(
@@ -203,10 +239,65 @@ def find_excursions(step, y, scale: Scale, metric: str):
                     step[on],
                     step[e],
                     "critical" if slow else "warning",
-                    f"{metric} spike x{ev['ratio']:.3g}, recovered in {rec_steps} steps",
+                    f"{metric} spike x{ev['ratio']:.3g} lasting {rec_steps} steps until back "
+                    f"at its baseline {lin_b0:.4g} (area {ev['area']:.3g} log-loss x steps)",
                     ev,
                     metric=metric,
                 )
             )
-        pos = e
+        pos = e90
+    divergence = _close(events, pending, step, y, lin, metric, divergence)
     return events, mask, divergence
+
+
+def _close(events, pending, step, y, lin, metric, divergence):
+    """Spikes end where the curve is back in the band, or where the next jump starts; one
+    still above its baseline at the end of the run is lasting damage: a divergence when
+    the loss ends at least twice its baseline, else a critical spike."""
+    n = y.size
+    for j, (k, on, e_log, b0, _) in enumerate(pending):
+        ev = events[k]
+        nxt = pending[j + 1][1] if j + 1 < len(pending) else None
+        if nxt is None and divergence is not None:
+            nxt = int(np.searchsorted(step, divergence.step))
+        if nxt is not None and (e_log is None or e_log >= nxt):
+            end = max(on, nxt - 1)
+            if ev.kind == "spike":
+                ev.end_step = int(step[end])
+                ev.evidence["back_at_baseline"] = 0.0
+                ev.evidence["recovery_steps"] = float(step[end] - step[on])
+                ev.cause = (
+                    f"{metric} spike x{ev.evidence['ratio']:.3g}, not back at its baseline "
+                    f"{lin(b0):.4g} before the next jump at step {int(step[nxt])}"
+                )
+            continue
+        if e_log is not None:
+            if ev.kind == "spike":
+                ev.evidence["back_at_baseline"] = 1.0
+            continue
+        # never back in the band, nothing after it
+        end_level = float(np.median(y[max(on + 1, n - max(3, (n - on) // 5)) :]))
+        ev.evidence["end_level"] = float(lin(end_level))
+        ev.evidence["back_at_baseline"] = 0.0
+        if end_level - b0 >= math.log(2.0) and divergence is None:
+            events.pop(k)
+            return Event(
+                "divergence",
+                ev.step,
+                int(step[-1]),
+                "critical",
+                f"{metric} jumped x{ev.evidence['ratio']:.3g} and never came back: it ends "
+                f"x{math.exp(end_level - b0):.3g} above its baseline {lin(b0):.4g}",
+                ev.evidence,
+                metric=metric,
+            )
+        ev.kind = "spike"
+        ev.severity = "critical"
+        ev.end_step = int(step[-1])
+        ev.evidence["recovery_steps"] = float(step[-1] - ev.step)
+        ev.cause = (
+            f"{metric} spike x{ev.evidence['ratio']:.3g}, still x"
+            f"{math.exp(end_level - b0):.3g} above its baseline {lin(b0):.4g} at the end of "
+            "the run (lasting damage)"
+        )
+    return divergence

@@ -8,7 +8,14 @@ one O(N) pass per series. Thresholds:
 * ``vanishing_gradient`` / ``exploding_gradient``: a layer's gradient norm, relative to the
   median over layers, below 1e-3 (above 1e3) for the last half of the run; or its own
   gradient norm fallen below 1e-3x (risen above 1e2x) its early level.
+* ``large_activations``: fraction of elements with |x| >= 6 in the output of a linear layer or
+  norm (``large_frac``, schema version 2) >= 0.1 at the end (warning >= 0.5), or grown by
+  >= 0.2: large pre-activations, not saturation (only bounded activations saturate).
 * ``weight_norm_growth``: weight norm grown >= 4x (critical >= 20x) since the start.
+
+:func:`aggregate` folds the findings of one kind into one event per phenomenon: the layers
+it involves are listed in ``event.layers`` (most severe, then largest, first) with a count
+in ``evidence["count"]``; info rows are a phenomenon of their own.
 * ``initial_loss``: first finite loss outside [0.5, 1.5] x ln(num_classes).
 """
 
@@ -27,6 +34,7 @@ SAT_END, SAT_CRIT, SAT_GROW = 0.25, 0.6, 0.2
 GRAD_REL_LO, GRAD_REL_HI = 1e-3, 1e3
 GRAD_SELF_LO, GRAD_SELF_HI = 1e-3, 1e2
 WN_GROW, WN_CRIT = 4.0, 20.0
+LARGE_END, LARGE_WARN, LARGE_GROW = 0.1, 0.5, 0.2
 
 
 def _ends(c: np.ndarray) -> tuple[float, float]:
@@ -42,7 +50,9 @@ def _first_above(c, cstep, thr) -> int:
     return int(cstep[idx[0]]) if idx.size else int(cstep[-1])
 
 
-def _fraction_finding(kind, layer, c, cstep, end_thr, crit_thr, grow_thr, what):
+def _fraction_finding(
+    kind, layer, c, cstep, end_thr, crit_thr, grow_thr, what, warn_thr=None, metric=None
+):
     start, end = _ends(c)
     if not math.isfinite(end):
         return None
@@ -50,12 +60,14 @@ def _fraction_finding(kind, layer, c, cstep, end_thr, crit_thr, grow_thr, what):
     if end < end_thr and grown < grow_thr:
         return None
     sev = "critical" if end >= crit_thr else "warning"
+    if warn_thr is not None and end < warn_thr:
+        sev = "info"
     at = _first_above(c, cstep, start + 0.5 * grown if grown >= grow_thr else end_thr)
     cause = f"{what.format(f'{end:.0%}')} {layer}" + (
         f" (up from {start:.0%})" if grown >= grow_thr else ""
     )
     ev = {"start_frac": start, "end_frac": end, "growth": grown}
-    return Event(kind, at, int(cstep[-1]), sev, cause, ev, layer=layer, metric=kind)
+    return Event(kind, at, int(cstep[-1]), sev, cause, ev, layer=layer, metric=metric or kind)
 
 
 def layer_findings(step: np.ndarray, series: dict[str, np.ndarray]) -> list[Event]:
@@ -97,6 +109,21 @@ def layer_findings(step: np.ndarray, series: dict[str, np.ndarray]) -> list[Even
                 SAT_CRIT,
                 SAT_GROW,
                 "saturated: {} of activations in",
+            )
+            if ev:
+                out.append(ev)
+        elif metric == "large_frac":
+            ev = _fraction_finding(
+                "large_activations",
+                layer,
+                c,
+                cstep,
+                LARGE_END,
+                2.0,
+                LARGE_GROW,
+                "large activations (|x| >= 6): {} of the output of",
+                warn_thr=LARGE_WARN,
+                metric="large_frac",
             )
             if ev:
                 out.append(ev)
@@ -226,3 +253,64 @@ def nonfinite_onsets(step, series: dict[str, np.ndarray]) -> list[tuple[int, str
             onsets.append((int(step[idx[0]]), layer, float(v[idx[0]])))
     onsets.sort(key=lambda r: r[0])
     return onsets
+
+
+_SEV = {"info": 0, "warning": 1, "critical": 2}
+
+
+def finding_size(f: Event) -> float:
+    """How large a layer finding is, in its own units (for ranking layers within a kind)."""
+    e = f.evidence
+    if "end_frac" in e:
+        return float(e["end_frac"])
+    if "ratio" in e:
+        return abs(math.log(max(float(e["ratio"]), 1e-300)))
+    if "log10_change" in e:
+        return max(abs(float(e["log10_change"])), abs(float(e.get("log10_vs_median_layer", 0))))
+    return 0.0
+
+
+def aggregate(findings: list[Event], top: int = 3) -> list[Event]:
+    """One event per kind (and per info / warning-or-worse): the layers it involves in
+    ``event.layers`` as ``(layer, metric, size, lead)`` (lead: steps between the layer's own
+    onset and the event's), ``evidence["count"]`` and per-severity counts."""
+    groups: dict[tuple[str, bool], list[Event]] = {}
+    for f in findings:
+        groups.setdefault((f.kind, f.severity == "info"), []).append(f)
+    out = []
+    for (kind, _), fs in groups.items():
+        fs.sort(key=lambda f: (-_SEV[f.severity], -finding_size(f)))
+        if len(fs) == 1:
+            f = fs[0]
+            f.evidence["count"] = 1.0
+            if f.layer:
+                f.layers = [(f.layer, f.metric, finding_size(f), 0)]
+            out.append(f)
+            continue
+        head = fs[0]
+        at = min(f.step for f in fs)
+        names = [f.layer for f in fs if f.layer]
+        shown = ", ".join(names[:top]) + (
+            f" and {len(names) - top} more" if len(names) > top else ""
+        )
+        ev = dict(head.evidence)
+        ev["count"] = float(len(fs))
+        for sev in ("critical", "warning", "info"):
+            k = sum(f.severity == sev for f in fs)
+            if k:
+                ev[f"count_{sev}"] = float(k)
+        what = kind.replace("_", " ")
+        out.append(
+            Event(
+                kind,
+                at,
+                max(f.end_step for f in fs),
+                head.severity,
+                f"{what} in {len(fs)} layers ({shown}); worst: {head.cause}",
+                ev,
+                layers=[(f.layer or "*", f.metric, finding_size(f), int(at - f.step)) for f in fs],
+                layer=head.layer,
+                metric=head.metric,
+            )
+        )
+    return out

@@ -8,7 +8,18 @@ keys of :func:`torchvitals.analysis.detect_events`:
   ``dead_frac/<layer>`` = dead_units/units of kind ``act`` (NaN where the row held NaN/Inf),
   ``sat_frac/<layer>`` = saturated/numel of kind ``act``, ``weight_norm/<layer>`` and
   ``act_grad_norm/<layer>`` = sqrt(sumsq) of kinds ``weight`` and ``act_grad``,
-  ``nonfinite/<layer>`` = nan+inf summed over all kinds.
+  ``nonfinite/<layer>`` = nan+inf summed over all kinds, and per kind
+  ``nonfinite_act/``, ``nonfinite_grad/``, ``nonfinite_act_grad/``, ``nonfinite_weight/``
+  (used to find where a NaN was made: :func:`torchvitals.analysis.nonfinite.origin`);
+* ``large_frac/<layer>`` = large/numel of kind ``act`` (|x| >= 6 in the output of a linear
+  layer or norm; schema version 2), where measured.
+
+Layer series are returned in forward order: modules in the manifest's ``layers`` order
+(``named_modules`` order), a parameter (``<module>.<name>``) with its module, layers the
+manifest does not name after those, in table order.
+
+``metric`` picks the scalar the curve events are computed on (default ``"loss"``; any
+scalar the user logged, e.g. ``"val/loss"``); every series is aligned on its steps.
 
 Everything is aligned on the steps of the ``loss`` scalar (missing values are NaN). Only
 the lowest rank present is used, per series (so rows merged across
@@ -53,7 +64,32 @@ def _align(steps_all: np.ndarray, steps: np.ndarray, vals: np.ndarray) -> np.nda
     return out
 
 
-def series_from_run(run):
+def layer_order(run, names) -> list[str]:
+    """``names`` (layers or parameters) in forward order, from ``run.manifest["layers"]``."""
+    manifest = getattr(run, "manifest", None) or {}
+    entries = manifest.get("layers") if isinstance(manifest, dict) else None
+    pos: dict[str, int] = {}
+    for i, e in enumerate(entries or []):
+        name = e.get("name") if isinstance(e, dict) else None
+        if isinstance(name, str):
+            pos.setdefault(name, i)
+    big = len(pos) + 1
+
+    def key(item):
+        j, name = item
+        if name in pos:
+            return (pos[name], 0, j)
+        mod, dot, _ = name.rpartition(".")
+        if dot and mod in pos:
+            return (pos[mod], 1, j)
+        if not dot and "" in pos and name not in pos:  # a parameter of the root module
+            return (pos[""], 1, j)
+        return (big, 0, j)
+
+    return [n for _, n in sorted(enumerate(names), key=key)]
+
+
+def series_from_run(run, metric: str = "loss"):
     scalars = getattr(run, "scalars", None)
     if scalars is None:
         raise ValueError("run: expected an object with a pyarrow Table attribute 'scalars'")
@@ -71,9 +107,10 @@ def series_from_run(run):
             s, v = step[sel], val[sel]
             o = np.argsort(s, kind="stable")
             by_name[lab] = (s[o], v[o])
-    if "loss" not in by_name:
-        raise ValueError("run.scalars: no 'loss' rows")
-    steps_all, loss = by_name["loss"]
+    if metric not in by_name:
+        have = ", ".join(sorted(by_name)[:20])
+        raise ValueError(f"run.scalars: no {metric!r} rows (scalars logged: {have})")
+    steps_all, loss = by_name[metric]
     steps_all, uniq = np.unique(steps_all, return_index=True)
     loss = loss[uniq]
     lr = None
@@ -86,7 +123,11 @@ def series_from_run(run):
             series[name] = _align(steps_all, *by_name[name])
     layers = getattr(run, "layers", None)
     if layers is not None and layers.num_rows:
-        series.update(_layer_series(layers, steps_all))
+        layer_part = _layer_series(layers, steps_all)
+        names = list(dict.fromkeys(k.partition("/")[2] for k in layer_part))
+        rank = {n: i for i, n in enumerate(layer_order(run, names))}
+        for k in sorted(layer_part, key=lambda k: rank[k.partition("/")[2]]):
+            series[k] = layer_part[k]
     return steps_all, loss, lr, series
 
 
@@ -103,6 +144,7 @@ def _layer_series(layers, steps_all):
         "dead_units",
         "sumsq",
     )
+    optional = tuple(c for c in ("large",) if c in layers.column_names)
     for c in need:
         if c not in layers.column_names:
             raise ValueError(f"run.layers: missing column {c!r}")
@@ -110,7 +152,7 @@ def _layer_series(layers, steps_all):
     lcodes, lnames = dictionary_codes(layers.column("layer"))
     kcodes, knames = dictionary_codes(layers.column("kind"))
     keep = _one_rank(layers, lcodes, kcodes)
-    cols = {c: _col(layers, c).astype(np.float64) for c in need[3:]}
+    cols = {c: _col(layers, c).astype(np.float64) for c in need[3:] + optional}
     out = {}
     kind_idx = {k: i for i, k in enumerate(knames)}
     n = steps_all.size
@@ -138,12 +180,20 @@ def _layer_series(layers, steps_all):
                 (cols["units"] > 0) & finite, cols["dead_units"] / cols["units"], np.nan
             )
             sat = np.where(cols["numel"] > 0, cols["saturated"] / cols["numel"], np.nan)
+            large = (
+                np.where(cols["numel"] > 0, cols["large"] / cols["numel"], np.nan)
+                if "large" in cols
+                else None
+            )
         gd, gs = grid(m, dead), grid(m, sat)
+        gl = grid(m, large) if large is not None else None
         for j, name in enumerate(lnames):
             if np.isfinite(gd[j]).any():
                 out[f"dead_frac/{name}"] = gd[j]
             if np.isfinite(gs[j]).any():
                 out[f"sat_frac/{name}"] = gs[j]
+            if gl is not None and np.isfinite(gl[j]).any():
+                out[f"large_frac/{name}"] = gl[j]
     for kind, metric in (("weight", "weight_norm"), ("act_grad", "act_grad_norm")):
         if kind in kind_idx:
             g = grid(kcodes == kind_idx[kind], norm(cols["sumsq"]))
@@ -156,4 +206,15 @@ def _layer_series(layers, steps_all):
     for j, name in enumerate(lnames):
         if nf[j].any():
             out[f"nonfinite/{name}"] = nf[j]
+    if nf.any():
+        bad = cols["nan"] + cols["inf"]
+        for kind in ("act", "grad", "act_grad", "weight"):
+            if kind not in kind_idx:
+                continue
+            g = np.zeros((nl, n))
+            m = ok & (kcodes == kind_idx[kind])
+            np.add.at(g, (lcodes[m], pos[m]), bad[m])
+            for j, name in enumerate(lnames):
+                if g[j].any():
+                    out[f"nonfinite_{kind}/{name}"] = g[j]
     return out

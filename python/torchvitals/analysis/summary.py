@@ -39,17 +39,65 @@ __all__ = [
 
 WORST_COLUMNS = [
     "layer",
+    "severity",
+    "findings",
     "score",
     "max_dead_frac",
     "max_sat_frac",
+    "max_large_frac",
     "nonfinite",
     "grad_norm_last",
     "grad_norm_range",
 ]
 
 
-def worst_layers(series: dict[str, np.ndarray], limit: int = 10) -> list[dict[str, object]]:
-    """Layers ranked by how unhealthy they look anywhere in the run."""
+_SEV = {"": 0, "info": 1, "warning": 2, "critical": 3}
+
+
+def _layer_severity(series, events):
+    """{layer: (worst severity, kinds)} from the layer findings (``events``, or the findings
+    computed here from ``series``); a parameter (``<module>.<name>``) also counts for its
+    module, and a non-finite layer is critical."""
+    from .layers import layer_findings
+
+    if events is None:
+        n = max((np.asarray(v).size for v in series.values()), default=0)
+        layer_only = {k: np.asarray(v, np.float64) for k, v in series.items() if "/" in k}
+        layer_only = {k: v for k, v in layer_only.items() if v.size == n}
+        # growth is judged against the loss curve (a layer waking up as the loss kicks
+        # in is no instability): without the run's events it sets no severity
+        events = [
+            f
+            for f in (layer_findings(np.arange(n), layer_only) if n else [])
+            if f.kind not in ("exploding_gradient", "weight_norm_growth")
+        ]
+    out: dict[str, tuple[str, list[str]]] = {}
+    for ev in events:
+        if ev.kind in ("nonfinite",) or not (ev.layer or ev.layers):
+            continue
+        names = [ev.layer] if ev.layer else []
+        if ev.kind not in ("kick_in", "lr_drop", "lr_rise", "spike", "divergence"):
+            names += [a for a, *_ in ev.layers]
+        for name in dict.fromkeys(names):
+            for key in {name, name.rpartition(".")[0] or name}:
+                sev, kinds = out.get(key, ("", []))
+                if _SEV[ev.severity] > _SEV[sev]:
+                    sev = ev.severity
+                if ev.kind not in kinds:
+                    kinds = [*kinds, ev.kind]
+                out[key] = (sev, kinds)
+    return out
+
+
+def worst_layers(
+    series: dict[str, np.ndarray], limit: int = 10, events: Sequence[Event] | None = None
+) -> list[dict[str, object]]:
+    """Layers ranked by how unhealthy they look anywhere in the run: layers with a
+    critical finding first, then warnings, then the rest; within a severity by ``score``
+    (dead + saturated + large fractions, 10 for non-finite values, 0.2 per decade of
+    gradient-norm range). ``events``: the run's events (default: the layer findings
+    computed from ``series``)."""
+    sev = _layer_severity(series, events)
     layers: dict[str, dict[str, float]] = {}
     for key, values in series.items():
         if "/" not in key or not np.isfinite(values).any():
@@ -57,7 +105,7 @@ def worst_layers(series: dict[str, np.ndarray], limit: int = 10) -> list[dict[st
         metric, layer = key.split("/", 1)
         row = layers.setdefault(layer, {})
         finite = values[np.isfinite(values)]
-        if metric in ("dead_frac", "sat_frac"):
+        if metric in ("dead_frac", "sat_frac", "large_frac"):
             row[f"max_{metric}"] = float(finite.max())
         elif metric == "nonfinite":
             row["nonfinite"] = float(finite.sum())
@@ -71,13 +119,21 @@ def worst_layers(series: dict[str, np.ndarray], limit: int = 10) -> list[dict[st
         score = (
             row.get("max_dead_frac", 0.0)
             + row.get("max_sat_frac", 0.0)
+            + row.get("max_large_frac", 0.0)
             + (10.0 if row.get("nonfinite", 0.0) else 0.0)
             + 0.2 * row.get("grad_norm_range", 0.0)
         )
-        scored.append(
-            {"layer": layer, "score": round(score, 3), **{k: round(v, 4) for k, v in row.items()}}
-        )
-    scored.sort(key=lambda r: -r["score"])
+        worst, kinds = sev.get(layer, ("", []))
+        if row.get("nonfinite", 0.0):
+            worst, kinds = "critical", [*kinds, "nonfinite"]
+        entry: dict[str, object] = {"layer": layer}
+        if worst:
+            entry["severity"] = worst
+            entry["findings"] = ", ".join(kinds)
+        entry["score"] = round(score, 3)
+        entry.update({k: round(v, 4) for k, v in row.items()})
+        scored.append(entry)
+    scored.sort(key=lambda r: (-_SEV[str(r.get("severity", ""))], -float(r["score"])))
     return scored[:limit]
 
 
