@@ -1,5 +1,6 @@
 """A self-contained HTML report of a run: loss and LR with event markers, per-layer
-heatmaps over steps, histogram evolution, and the events and worst layers as tables.
+heatmaps over steps, histogram evolution, and the events and worst layers as tables; the
+pre-flight checks first when the run has them (``preflight.json``).
 
 Plots are rendered with matplotlib (Agg) and embedded as base64 PNG, so the file opens
 in any browser with no network and no other files. Every name that came from the run
@@ -29,6 +30,9 @@ from torchvitals.analysis.summary import (
     worst_layers,
 )
 from torchvitals.engine.histogram import hist_edges
+from torchvitals.preflight.report import COLUMNS as PREFLIGHT_COLUMNS
+from torchvitals.preflight.report import PreflightReport
+from torchvitals.store.layout import write_file_atomic
 from torchvitals.store.reader import Run
 
 MAX_COLUMNS = 800  # steps per heatmap column budget: long runs are block-averaged
@@ -110,7 +114,7 @@ def _heatmap(step, series: dict[str, np.ndarray], metric: str, title: str, log: 
     extent = (float(cols[0]), float(cols[-1]) + 1, len(rows) - 0.5, -0.5)
     im = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="magma", extent=extent)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([name for name, _ in rows], fontsize=7)
+    ax.set_yticklabels([name for name, _ in rows], fontsize=7, parse_math=False)  # literal $
     ax.set_xlabel("step")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label=("log10 " if log else "") + metric)
@@ -136,9 +140,47 @@ def _histogram_plot(run: Run, layer: str, kind: str) -> str | None:
     ax.set_yticklabels([labels[t] for t in ticks], fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel("|x| bin")
-    ax.set_title(f"histogram of log2|{kind}| for {layer}")
+    ax.set_title(f"histogram of log2|{kind}| for {layer}", parse_math=False)  # names as written
     fig.colorbar(im, ax=ax, label="log10(1 + count)")
     return _png(fig)
+
+
+def _lr_probe_plot(report: PreflightReport) -> str | None:
+    """Loss after the probe's few steps against the LR, the user's LR marked."""
+    import matplotlib.pyplot as plt
+
+    found = [f for f in report.of_kind("lr_sanity") if "lrs" in f.evidence]
+    if not found:
+        return None
+    ev = found[0].evidence
+    lrs = np.asarray(ev["lrs"], dtype=float)
+    # Diverged points are stored as null (JSON has no inf): marked on the top edge.
+    losses = np.asarray([np.nan if v is None else v for v in ev["losses"]], dtype=float)
+    ok = np.isfinite(losses)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(lrs[ok], losses[ok], "o-", color="#37474f", label=f"loss after {ev['steps']} steps")
+    ax.axhline(ev["start"], color="#9e9e9e", ls=":", label="initial loss")
+    ax.axvline(ev["user_lr"], color="#c62828", ls="--", label="your LR")
+    if (losses[ok] > 0).all() and ev["start"] > 0:
+        ax.set_yscale("log")
+    if not ok.all():
+        top = ax.get_ylim()[1]
+        ax.plot(lrs[~ok], np.full((~ok).sum(), top), "x", color="#c62828", label="diverged")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.set_title("LR probe on one batch")
+    return _png(fig)
+
+
+def _preflight_section(report: PreflightReport | None) -> str:
+    if report is None:
+        return ""
+    plot = _lr_probe_plot(report)
+    image = f"<img alt='LR probe' src='data:image/png;base64,{plot}'>" if plot else ""
+    table = _table(report.rows(), PREFLIGHT_COLUMNS)
+    return f"<h2>{html.escape(report.title())}</h2>{table}{image}"
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
@@ -160,12 +202,14 @@ def write_report(
     arrays: tuple | None = None,
 ) -> Path:
     """Writes the HTML report for ``run`` to ``out`` and returns its path. ``arrays`` is
-    ``series_from_run(run)`` when the caller already has it."""
+    ``series_from_run(run)`` when the caller already has it. A pre-flight report stored in
+    the run directory is shown first."""
     import matplotlib
 
     matplotlib.use("Agg")
     say = progress or (lambda _: None)
     step, loss, lr, series = arrays if arrays is not None else series_from_run(run)
+    preflight = _preflight_section(PreflightReport.load(run.path))
     sections = []
     say("loss curve")
     sections.append(("Loss and learning rate", _loss_plot(step, loss, lr, events, "loss")))
@@ -192,7 +236,7 @@ def write_report(
         key=lambda e: (e.kind not in CURVE_KINDS, -SEVERITIES.index(e.severity), e.step),
     )
     event_table = _table(event_rows(ordered), EVENT_COLUMNS)
-    worst = worst_layers(series)
+    worst = worst_layers(series, events=events)
     worst_columns = WORST_COLUMNS
     title = html.escape(f"torchvitals report: {run.path}")
     page = f"""<!doctype html>
@@ -207,6 +251,7 @@ img {{ max-width: 100%; }}
 <h1>{title}</h1>
 <p>{len(step)} steps, {len({k.split("/", 1)[1] for k in series if "/" in k})} layers,
 ranks {html.escape(str(run.ranks))}.</p>
+{preflight}
 {loss_figure}
 <h2>Events</h2>{event_table}
 <h2>Worst layers</h2>{_table(worst, worst_columns)}
@@ -215,5 +260,5 @@ ranks {html.escape(str(run.ranks))}.</p>
 """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    write_file_atomic(out, page.encode("utf-8"))  # never through a link at ``out``
     return out
