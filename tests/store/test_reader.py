@@ -275,3 +275,28 @@ def test_edited_manifest_is_flagged(run_dir):
     run, msgs = load_quiet(run_dir)
     assert run.manifest["device"] == "cuda:7"
     assert msgs == run.problems and len(msgs) == 1 and "does not match its checksum" in msgs[0]
+
+
+def test_large_segment_checked_on_threads(tmp_path, monkeypatch):
+    """A segment over PARALLEL_BYTES is hashed on the pool: same verdicts as inline."""
+    from torchvitals.store import integrity
+
+    path = str(tmp_path / "run")
+    rng = np.random.default_rng(3)
+    with RunWriter(path, manifest={"world_size": 1}, flush_interval=3600) as w:
+        for step in range(4):
+            counts = rng.integers(0, 1000, (3000, 120))
+            w.submit("hist", {"step": step, "layer": "fc", "kind": "grad", "counts": counts})
+            w.flush()
+    seg = Path(path, "hist.rank0.000000.arrows")
+    data = bytearray(seg.read_bytes())
+    assert len(data) > integrity.PARALLEL_BYTES
+    data[len(data) // 2] ^= 0x40  # inside the body of the second or third batch
+    seg.write_bytes(bytes(data))
+    for parallel in (integrity.PARALLEL_BYTES, 1 << 62):
+        monkeypatch.setattr(integrity, "PARALLEL_BYTES", parallel)
+        run, _msgs = load_quiet(path)
+        (rec,) = run.recovery
+        assert rec.batches == 3 and [d.rows for d in rec.damage] == [3000]
+        assert "checksum mismatch" in rec.damage[0].error
+        assert sorted(set(run.hist["step"].to_pylist())) in ([0, 2, 3], [0, 1, 3])

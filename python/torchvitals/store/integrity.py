@@ -33,7 +33,7 @@ import os
 import struct
 import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,7 +107,7 @@ def _prefix_crc(
 
 
 _MASK = (1 << 64) - 1
-_NH_WORDS = 1 << 14  # words per block: the keys of one block
+_NH_WORDS = 1 << 16  # words per block: the keys of one block
 #: The keys of nh64: fixed forever (they are part of the file format).
 _NH_KEYS = np.random.default_rng(0x7476_6974_616C_73).integers(
     0, 1 << 63, _NH_WORDS, dtype=np.uint64
@@ -117,9 +117,9 @@ _NH_STEP = 0x9E37_79B9_7F4A_7C15  # odd: blocks are chained by multiplication mo
 
 def nh64(data) -> int:
     """64-bit multilinear hash of ``data``: its little-endian 8-byte words times fixed odd
-    keys, summed mod 2**64 per block of 16,384 words, blocks chained by an odd multiplier,
+    keys, summed mod 2**64 per block of 65,536 words, blocks chained by an odd multiplier,
     the length folded in first and a tail of fewer than 8 bytes last."""
-    view = memoryview(data).cast("B")
+    view = memoryview(data if data is not None else b"").cast("B")
     n = len(view)
     whole = n - n % 8
     words = np.frombuffer(view[:whole], dtype="<u8")
@@ -137,7 +137,7 @@ def nh64(data) -> int:
 
 
 def _checksum(prefix_crc: int, body) -> bytes:
-    return b"%08x%016x" % (prefix_crc, nh64(body) if body is not None else 0)
+    return b"%08x%016x" % (prefix_crc, nh64(body))
 
 
 def _tag_position(metadata: bytes) -> int:
@@ -260,6 +260,9 @@ class _Walk:
         # (offset, batch, CRC of all but the body, body, checksum written or None)
         self.pending: list[tuple[int, pa.RecordBatch, int, object, bytes | None]] = []
         self.tagged = False  # some batch carries a checksum
+        # a large segment's bodies are hashed on a pool while the walk goes on
+        self.pool = _checksum_pool() if len(data) >= PARALLEL_BYTES else None
+        self.hashes: list[Future] = []
 
     def damaged(self, damage: Damage) -> None:
         self.out.damage.append(damage)
@@ -371,11 +374,16 @@ class _Walk:
                 blanked = metadata[:at] + _ZEROS + metadata[at + _DIGITS :]
                 prefix = _prefix_crc(self.schema_crc, batch, self.dict_columns, blanked)
                 self.pending.append((pos, batch, prefix, message.body, written))
+                if self.pool is not None:
+                    self.hashes.append(self.pool.submit(nh64, message.body))
                 self.tagged = True
             elif self.out.checksummed:
                 raise ValueError("checksum missing in a checksummed segment")
-            else:  # written before checksums: validated only; the CRC is its fingerprint
-                self.pending.append((pos, batch, 0, memoryview(self.data)[pos:end], None))
+            else:  # written before checksums: validated only; the hash is its fingerprint
+                raw = memoryview(self.data)[pos:end]
+                self.pending.append((pos, batch, 0, raw, None))
+                if self.pool is not None:
+                    self.hashes.append(self.pool.submit(nh64, raw))
         except (pa.ArrowException, OSError, EOFError, ValueError, StopIteration) as exc:
             self.damaged(Damage(pos, rows, f"record batch skipped: {_describe(exc)}"))
 
@@ -383,17 +391,21 @@ class _Walk:
         """Check the batches' checksums (the bodies' CRCs on several threads when there is
         much to read) and keep the intact batches, in order."""
         out = self.out
+        if self.pool is not None:
+            sums = [f.result() for f in self.hashes]
+        else:
+            sums = [nh64(body) for _pos, _batch, _prefix, body, _written in self.pending]
         if self.tagged:
             out.checksummed = True
-            untagged = [p for p in self.pending if p[4] is None]
-            self.pending = [p for p in self.pending if p[4] is not None]
-            for pos, batch, *_ in untagged:
-                out.damage.append(
-                    Damage(pos, batch.num_rows, "record batch skipped: checksum missing in a "
-                           "checksummed segment")
-                )  # fmt: skip
-        sums = _body_sums([body for _pos, _batch, _prefix, body, _written in self.pending])
+            for (pos, batch, _prefix, _body, written), _sum in zip(self.pending, sums, strict=True):
+                if written is None:
+                    out.damage.append(
+                        Damage(pos, batch.num_rows, "record batch skipped: checksum missing in "
+                               "a checksummed segment")
+                    )  # fmt: skip
         for (pos, batch, prefix, _body, written), body_sum in zip(self.pending, sums, strict=True):
+            if written is None and self.tagged:
+                continue
             digits = b"%08x%016x" % (prefix, body_sum)
             if written is not None and digits != written:
                 shown = written.decode("ascii", "replace")
@@ -408,28 +420,23 @@ class _Walk:
         return out
 
 
-#: Above this many bytes of batch bodies, a segment's hashes are computed on several
-#: threads (NumPy releases the GIL).
+#: A segment of this many bytes or more has its batches' bodies hashed on a thread pool
+#: (NumPy releases the GIL) while the walk goes on.
 PARALLEL_BYTES = 8 << 20
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _body_sums(bodies: list) -> list[int]:
-    """``nh64`` of each body (0 for None)."""
+def _checksum_pool() -> ThreadPoolExecutor | None:
+    """The pool hashing bodies; None on one CPU."""
     global _pool
-
-    def one(body) -> int:
-        return nh64(body) if body is not None else 0
-
-    total = sum(len(memoryview(b)) for b in bodies if b is not None)
     workers = min(8, os.cpu_count() or 1)
-    if total < PARALLEL_BYTES or workers < 2 or len(bodies) < 2:
-        return [one(b) for b in bodies]
+    if workers < 2:
+        return None
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="torchvitals-checksum")
-    return list(_pool.map(one, bodies))
+    return _pool
 
 
 def read_stream(data: bytes, schema: pa.Schema | None = None) -> StreamContents:
