@@ -394,6 +394,13 @@ class Monitor:
         step, values = self._live.latest
         return {"step": step, **dict(zip(LIVE_SCALARS, values.unbind(), strict=True))}
 
+    @property
+    def hook_ids(self) -> frozenset[int]:
+        """Ids of the hooks this Monitor registered on the model and optimizers. They are
+        unique in the process and survive ``copy.deepcopy`` of the model, so a copy's
+        hooks that belong to this Monitor can be removed (as ``preflight`` does)."""
+        return frozenset(handle.id for handle in self._handles)
+
     # --- lifetime -------------------------------------------------------------------
 
     def close(self) -> None:

@@ -166,8 +166,7 @@ def copy_model(model: nn.Module, monitor: Monitor | None = None) -> nn.Module:
             "on a copy so that the model is left untouched"
         ) from exc
     # Hook ids are unique process-wide and survive the copy: drop the Monitors' ones.
-    # (Monitor keeps its handles in _handles; a public accessor would be better.)
-    hook_ids = {h.id for m in monitors for h in getattr(m, "_handles", ())}
+    hook_ids = frozenset().union(*(m.hook_ids for m in monitors))
     for module in work.modules():
         for key, value in list(vars(module).items()):
             if isinstance(value, Monitor):
