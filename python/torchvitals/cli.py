@@ -27,6 +27,7 @@ def _detect(arrays, args):
         loss=loss,
         step=step,
         lr=lr,
+        metric=getattr(args, "metric", "loss"),
         higher_is_better=args.higher_is_better,
         num_classes=args.num_classes,
         **series,
@@ -43,7 +44,7 @@ def _analyse_and_report(
 
     with _progress(console) as bar:
         task = bar.add_task("detecting events", total=None)
-        arrays = series_from_run(run)
+        arrays = series_from_run(run, getattr(args, "metric", "loss"))
         events = _detect(arrays, args)
         bar.update(task, description="writing report")
         write_report(
@@ -81,7 +82,7 @@ def cmd_report(args) -> int:
 def cmd_events(args) -> int:
     from torchvitals.analysis.runtables import series_from_run
 
-    events = _detect(series_from_run(_load(args.run)), args)
+    events = _detect(series_from_run(_load(args.run), getattr(args, "metric", "loss")), args)
     if args.json:
         json.dump([e.to_dict() for e in events], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     def analysis_options(p):
         p.add_argument("run", help="run directory written by torchvitals.Monitor")
         p.add_argument("--higher-is-better", action="store_true", help="the metric is an accuracy")
+        p.add_argument("--metric", default="loss", help="logged scalar to analyse (val/loss...)")
         p.add_argument("--num-classes", type=int, default=None, help="checks the initial loss")
 
     p = sub.add_parser("report", help="terminal summary and a self-contained report.html")
