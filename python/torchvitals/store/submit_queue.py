@@ -25,6 +25,10 @@ class Taken(NamedTuple):
     closing: bool  #: close() had been called: stop once nothing more is queued
 
 
+#: Seconds a full queue in "drop" mode may wait for the writer thread to get ready.
+STARTUP_GRACE = 5.0
+
+
 class SubmitQueue:
     """A bounded FIFO of items, with the count of items that never got written."""
 
@@ -41,6 +45,11 @@ class SubmitQueue:
         self._enq_seq = 0  # items queued so far
         self._done_seq = 0  # items processed (written, failed or dropped) so far
         self._flush_target = 0  # the writer writes now until _done_seq reaches it
+        # Until the writer thread is ready (pyarrow's first use takes a few tenths of a
+        # second), a full queue makes "drop" wait too, for at most STARTUP_GRACE seconds:
+        # a fast loop right after the start must not lose its first records.
+        self._ready = False
+        self._grace_until = time.monotonic() + STARTUP_GRACE
 
     def __len__(self) -> int:
         return len(self._items)
@@ -60,7 +69,8 @@ class SubmitQueue:
                 return False
             items = self._items
             if len(items) >= self.max_pending:
-                if self.on_full == "drop":
+                starting = not self._ready and time.monotonic() < self._grace_until
+                if self.on_full == "drop" and not starting:
                     self.dropped += 1
                     return False
                 while (
@@ -68,6 +78,7 @@ class SubmitQueue:
                     and not self.closed
                     and not self._refusing
                     and writer_alive()
+                    and (self.on_full == "block" or time.monotonic() < self._grace_until)
                 ):
                     cond.notify_all()
                     cond.wait(0.1)
@@ -80,6 +91,11 @@ class SubmitQueue:
             if n == 1 or n >= self._high_water:
                 cond.notify_all()
         return True
+
+    def ready(self) -> None:
+        """The writer thread is ready: from now on "drop" never waits."""
+        with self._cond:
+            self._ready = True
 
     def wait_processed(self, timeout: float | None, writer_alive: Callable[[], bool]) -> None:
         """Have every item queued so far written now, and wait until it is processed."""

@@ -229,7 +229,7 @@ def warm_up() -> None:
             ],
             "hist": [
                 {"step": 0, "layer": "x", "kind": "x", "counts": np.zeros((1, 2), np.int64)},
-                {"step": 1, "layer": "x", "kind": "x"},
+                {"step": 1, "layer": ["y"], "kind": ["y"], "counts": [[1, 2]]},
             ],
         }
         for table, items in samples.items():

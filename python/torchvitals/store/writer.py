@@ -134,6 +134,8 @@ class RunWriter:
         )
         self._start_manifest_due = False  # the directory was re-created: write it again
         self.run_dir_lost = 0  #: times the run directory vanished or was replaced
+        self._pid = os.getpid()  # a forked child shares this object, never the files
+        self._warned_fork = False
         self._thread = threading.Thread(
             target=self._run, name=f"torchvitals-writer-rank{self.rank}", daemon=True
         )
@@ -148,6 +150,19 @@ class RunWriter:
         if not self._faults.writing_disabled:
             self._thread.start()
         _LIVE.add(self)
+
+    def _in_forked_child(self) -> bool:
+        """A forked child never writes the parent's run (its writer thread did not
+        survive the fork, and the files are the parent's): refuse, and say so once."""
+        if not self._warned_fork:
+            self._warned_fork = True
+            warnings.warn(
+                f"torchvitals: process {os.getpid()} is a fork of the one writing {self.path}; "
+                "it records nothing there (attach a Monitor of its own to record in it)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
 
     def _open_directory(self) -> None:
         """Open the run directory and take this rank's lock; if another live writer
@@ -194,6 +209,8 @@ class RunWriter:
                 f"unknown torchvitals table {table!r}; known tables: {', '.join(SCHEMAS)}"
             )
         self._faults.raise_pending()
+        if os.getpid() != self._pid:
+            return self._in_forked_child()
         return self._queue.put((table, columns), writer_alive=self._thread.is_alive)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -203,6 +220,8 @@ class RunWriter:
 
     def close(self, timeout: float = 30.0) -> None:
         """Drain the queue (up to ``timeout`` s), close the segments, finalize the manifest."""
+        if os.getpid() != self._pid:
+            return  # a forked child: the files and the manifest are the parent's
         if self._queue.closed:
             self._faults.raise_pending()
             return
@@ -291,6 +310,7 @@ class RunWriter:
     def _run(self) -> None:
         with contextlib.suppress(Exception):  # a real problem resurfaces on the first item
             warm_up()
+        self._queue.ready()
         next_flush = time.monotonic() + self.flush_interval
         while True:
             taken: Taken = self._queue.take(next_flush)
