@@ -11,6 +11,7 @@ import textwrap
 import time
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -105,3 +106,53 @@ def test_full_disk_keeps_training_and_warns_once(tmp_path, monkeypatch):
     assert len(disk_warnings) == 1
     assert mon.writer.write_errors >= 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_step_from_a_second_thread_is_an_error_naming_the_owner(tmp_path):
+    import threading
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = torchvitals.Monitor(model, tmp_path / "run")
+    mon.step(loss=1.0)
+    errors = []
+
+    def other():
+        try:
+            mon.step(loss=2.0)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=other, name="intruder")
+    thread.start()
+    thread.join(60)
+    mon.step(loss=3.0)
+    mon.close()
+    assert len(errors) == 1 and "'intruder'" in errors[0] and "'MainThread'" in errors[0]
+    assert torchvitals.load_run(tmp_path / "run").scalar("loss")[1].tolist() == [1.0, 3.0]
+
+
+def test_a_step_abandoned_after_the_optimizer_is_discarded_whole(tmp_path):
+    """A KeyboardInterrupt (or any exception) between opt.step() and Monitor.step(),
+    caught by the loop: the abandoned step's rows are dropped, the next step is whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with (
+        pytest.warns(UserWarning, match="ended without Monitor.step"),
+        torchvitals.Monitor(model, tmp_path / "run", optimizer=opt) as mon,
+    ):
+        for i in range(4):
+            try:
+                loss = model(torch.randn(4, 4)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if i == 1:
+                    raise KeyboardInterrupt
+                mon.step(loss=loss)
+            except KeyboardInterrupt:
+                continue
+    layers = torchvitals.load_run(tmp_path / "run").to_pandas("layers")
+    per_step = layers.groupby(["step", "kind"]).size().unstack()
+    assert per_step.index.tolist() == [0, 1, 2]  # three steps recorded, none doubled
+    assert (per_step["act"] == 3).all() and (per_step["grad"] == 4).all()

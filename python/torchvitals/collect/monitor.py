@@ -19,6 +19,7 @@ with no communication; a DTensor parameter (FSDP2) through its local shard, repl
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -191,6 +192,8 @@ class Monitor:
         self._params = ParameterReader(model, self.optimizers, policy, self._reductions)
         self._scalars = ScalarReader(self.optimizers, scaler)
         self._step_grads: list[Any] = []  # this step's gradient reductions, for live mode
+        self._owner: threading.Thread | None = None  # the thread that calls step()
+        self._stepped: set[int] = set()  # optimizers that stepped since the last step()
         self._last_step_time = time.perf_counter()
         # Training-thread time in hooks and step() since the last record: what telemetry
         # costs the training loop, measured where it is spent (guarded calls never nest).
@@ -233,7 +236,7 @@ class Monitor:
     def _register_hooks(self, hooked: list) -> None:
         acts = self._acts
         if hooked:
-            start = self._guard(lambda module, args: acts.begin_forward(), "forward pre-hook")
+            start = self._guard(lambda module, args: self._begin_step_forward(), "forward pre-hook")
             end = self._guard(lambda module, args, output: acts.end_forward(), "forward hook")
             self._handles.append(self.model.register_forward_pre_hook(start))
             self._handles.append(self.model.register_forward_hook(end))
@@ -284,6 +287,7 @@ class Monitor:
     def _optimizer_hook(self) -> Callable:
         def on_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
             self._scalars.on_optimizer_step(optimizer)
+            self._stepped.add(id(optimizer))
             # args[0] is the optimizer itself, args[1] a positional closure
             closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
             if closure is None:
@@ -304,6 +308,32 @@ class Monitor:
         on_optimizer_step.__name__ = "optimizer step hook"
         return on_optimizer_step
 
+    def _begin_step_forward(self) -> None:
+        """The model's forward begins. When every optimizer has already stepped since
+        the last ``step()``, that step was abandoned (an exception or a KeyboardInterrupt
+        between the optimizer and ``step()``): what it collected is discarded whole, never
+        merged into this one. (Not under torch.compile: the check would be a guard.)"""
+        if (
+            not torch.compiler.is_compiling()
+            and self.optimizers
+            and len(self._stepped) == len(self.optimizers)
+            and self.model.training
+            and torch.is_grad_enabled()
+        ):
+            self._warn_once(
+                "abandoned",
+                f"torchvitals: a training step ended without Monitor.step() (step "
+                f"{self.step_count}); what it collected is discarded and the step is recorded "
+                "anew",
+            )
+            self._reductions.take()
+            self._acts.take_compiled()
+            self._acts.next_step(self.step_count)
+            self._params.next_step()
+            self._scalars.next_step()
+            self._stepped.clear()
+        self._acts.begin_forward()
+
     def _read_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         # A compiled optimizer step traces this hook: the cadence, read there, would be a
         # guard. It always reads; step() keeps what is due.
@@ -320,6 +350,7 @@ class Monitor:
         if self.closed:
             self._warn_once("closed", "torchvitals: Monitor.step() after close() records nothing")
             return
+        self._check_thread()
         # Read before the guard starts its clock: the step boundary lies outside every timed
         # span, so hook_time covers exactly the span of step_time.
         self._guard(self._step)(time.perf_counter(), loss, scalars)
@@ -330,6 +361,20 @@ class Monitor:
         self._params.next_step()
         self._scalars.next_step()
         self._step_grads = []
+        self._stepped.clear()
+
+    def _check_thread(self) -> None:
+        """One thread steps a Monitor: its per-step state (stash, gradients read, the
+        step count) is not shared across threads, so a second thread would mix steps."""
+        me = threading.current_thread()
+        if self._owner is None:
+            self._owner = me
+        elif me is not self._owner:
+            raise RuntimeError(
+                f"torchvitals: Monitor.step() called from thread {me.name!r}, but this Monitor "
+                f"is stepped by thread {self._owner.name!r}; use one Monitor per training "
+                "thread"
+            )
 
     def begin_forward(self) -> None:
         """Starts recording this step's activations. The model's forward does it by itself;
