@@ -142,8 +142,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+#: Packages some commands need, and the extra that installs them.
+OPTIONAL = {"matplotlib": "report"}
+
+
+def _version() -> str:
+    from torchvitals import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchvitals", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"torchvitals {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def analysis_options(p):
@@ -197,6 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"torchvitals {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = OPTIONAL.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"torchvitals {args.command}: needs {exc.name}, which is not installed: "
+            f'pip install "torchvitals[{extra}]"',
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -61,3 +61,29 @@ def test_cli_report_html_escapes_layer_names(dead, tmp_path):
         assert kind in page
     assert "<script" not in page.lower()  # the hostile module name is never live markup
     assert "relu&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_version(capsys):
+    from torchvitals import __version__
+    from torchvitals.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"torchvitals {__version__}"
+
+
+def test_a_command_without_its_extra_says_which_in_one_line(dead, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from torchvitals.cli import main
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["report", str(dead.path), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "torchvitals report: needs matplotlib, which is not installed: "
+        'pip install "torchvitals[report]"'
+    ]
