@@ -39,12 +39,12 @@ LAYER_KINDS = (
 ATTRIBUTED_KINDS = ("kick_in", "lr_drop", "lr_rise", "spike", "divergence")
 
 
-def _clean(v: Any) -> Any:
+def json_safe(v: Any) -> Any:
     """JSON-safe conversion (numpy scalars, NaN/Inf -> None, tuples -> lists)."""
     if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
+        return {str(k): json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [json_safe(x) for x in v]
     if hasattr(v, "item") and not isinstance(v, (str, bytes)):
         with contextlib.suppress(ValueError, AttributeError):
             v = v.item()
@@ -97,9 +97,9 @@ class Event:
             "end_step": self.end_step,
             "severity": self.severity,
             "cause": self.cause,
-            "evidence": _clean(self.evidence),
+            "evidence": json_safe(self.evidence),
             "layers": [
-                {"layer": a, "metric": b, "change": _clean(float(c)), "lead_steps": int(d)}
+                {"layer": a, "metric": b, "change": json_safe(float(c)), "lead_steps": int(d)}
                 for a, b, c, d in self.layers
             ],
             "layer": self.layer,

@@ -3,12 +3,11 @@ their JSON form (``{run}/preflight.json``) and the rows both reports render."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torchvitals.analysis.events import SEVERITIES
+from torchvitals.analysis.events import SEVERITIES, json_safe
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,17 +34,6 @@ def short_list(names: list[str], limit: int = 4) -> str:
     """``"a, b, c and 5 more"``: layer lists in one-line messages."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become None (their meaning is in the message)."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @dataclass
@@ -78,7 +66,7 @@ class Finding:
             "severity": self.severity,
             "layer": self.layer,
             "message": self.message,
-            "evidence": _clean(self.evidence),
+            "evidence": json_safe(self.evidence),
         }
 
     def __str__(self) -> str:
@@ -131,8 +119,8 @@ class PreflightReport:
         return {
             "format_version": FORMAT_VERSION,
             "findings": [f.to_dict() for f in self.findings],
-            "seconds": _clean(self.seconds),
-            "settings": _clean(self.settings),
+            "seconds": json_safe(self.seconds),
+            "settings": json_safe(self.settings),
         }
 
     @classmethod
