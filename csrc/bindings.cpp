@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "checksum.h"
 #include "kernels.h"
 #include "stats.h"
 
@@ -89,6 +90,15 @@ PYBIND11_MODULE(_C, m) {
         "bins[i] = the histogram bin of fp32 bit pattern bits[i] (raw addresses, n elements)");
   m.def("hist_bins_f64", &bin_each<uint64_t, torchvitals::hist_bin_f64>,
         "bins[i] = the histogram bin of fp64 bit pattern bits[i] (raw addresses, n elements)");
+
+  m.def(
+      "nh64",
+      [](uintptr_t data, int64_t n, uintptr_t keys, int64_t block, uint64_t step) {
+        return torchvitals::nh64(ptr<const uint8_t>(data), n, ptr<const uint64_t>(keys), block,
+                                 step);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "nh64 of n bytes at data with the block keys at keys (see checksum.h)");
 
   // The layout contract of stats.h, by name (python/torchvitals/engine/contract.py reads it).
   m.attr("DTYPES") = names(torchvitals::kDTypeNames);
