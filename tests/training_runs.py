@@ -255,7 +255,8 @@ def dead_units_hot_logits(path, seed: int = 0, logit_scale: float = 50.0) -> Pat
 # ------------------------------------------------------------- planted interventions
 # Used by benchmarks/planted.py (three seeds, several sizes) and
 # tests/analysis/test_planted_runs.py (one seed, small). Each builder returns the run
-# directory and a dict with the truth: kind, step, layer (where one applies) and what the attribution must name.
+# directory and a dict with the truth: kind, step, layer (where one applies) and what the
+# attribution must name.
 
 
 class _Boom(nn.Module):
