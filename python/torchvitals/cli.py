@@ -56,7 +56,9 @@ def _analyse_and_report(
             arrays=arrays,
         )
     preflight = PreflightReport.load(run.path) if show_preflight else None
-    print_summary(events, arrays[3], console, preflight=preflight)
+    print_summary(
+        events, arrays[3], console, preflight=preflight, verbose=getattr(args, "verbose", False)
+    )
     console.print(f"report: [bold]{out}[/bold]")
     return events
 
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_options(p)
     p.add_argument("--out", help="where to write the HTML (default RUN/report.html)")
     p.add_argument("--layers", nargs="*", help="layers whose histogram evolution to plot")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="every event's full cause and attribution"
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("events", help="list the detected events")

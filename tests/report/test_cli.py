@@ -87,3 +87,25 @@ def test_a_command_without_its_extra_says_which_in_one_line(dead, tmp_path, caps
         "torchvitals report: needs matplotlib, which is not installed: "
         'pip install "torchvitals[report]"'
     ]
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_report_is_readable_at_the_terminal_width(dead, tmp_path, capsys, monkeypatch, columns):
+    from torchvitals.cli import main
+
+    pytest.importorskip("matplotlib")
+    monkeypatch.setenv("COLUMNS", str(columns))
+    args = ["report", str(dead.path), "--out", str(tmp_path / "r.html")]
+    assert main([*args, "--num-classes", str(tr.CLASSES)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    headers = [line for line in lines if line.startswith("┃")]
+    for word in ("severity", "kind", "steps", "what", "layer", "findings"):
+        assert any(word in h for h in headers), word  # headers never break mid-word
+    rows = [line for line in lines if "dead_units" in line]
+    assert rows and len(lines) < 60  # one short line per event, not a folded paragraph
+
+    assert main([*args, "--verbose"]) == 0
+    verbose = capsys.readouterr().out
+    event = next(e for e in dead.events if e.kind == "dead_units")
+    assert " ".join(event.cause.split()) in " ".join(verbose.split())  # the full cause
