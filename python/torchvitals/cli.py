@@ -73,9 +73,15 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _load_with_progress(path: str, console: Console):
+    with _progress(console) as bar:
+        bar.add_task(f"reading {path}", total=None)
+        return _load(path)
+
+
 def cmd_report(args) -> int:
     console = Console()
-    run = _load(args.run)
+    run = _load_with_progress(args.run, console)
     out = Path(args.out) if args.out else Path(args.run) / "report.html"
     _analyse_and_report(run, args, console, out)
     return 0
@@ -84,7 +90,12 @@ def cmd_report(args) -> int:
 def cmd_events(args) -> int:
     from torchvitals.analysis.runtables import series_from_run
 
-    events = _detect(series_from_run(_load(args.run), getattr(args, "metric", "loss")), args)
+    # Progress on stderr: stdout carries the events (or their JSON) only.
+    status = Console(stderr=True)
+    run = _load_with_progress(args.run, status)
+    with _progress(status) as bar:
+        bar.add_task("detecting events", total=None)
+        events = _detect(series_from_run(run, getattr(args, "metric", "loss")), args)
     if args.json:
         json.dump([e.to_dict() for e in events], sys.stdout, indent=2)
         sys.stdout.write("\n")
