@@ -109,3 +109,15 @@ def test_report_is_readable_at_the_terminal_width(dead, tmp_path, capsys, monkey
     verbose = capsys.readouterr().out
     event = next(e for e in dead.events if e.kind == "dead_units")
     assert " ".join(event.cause.split()) in " ".join(verbose.split())  # the full cause
+
+
+def test_unknown_layer_names_are_refused_with_close_matches(dead, tmp_path, capsys):
+    from torchvitals.cli import main
+
+    pytest.importorskip("matplotlib")
+    layer = next(e.layer for e in dead.events if e.kind == "dead_units")
+    args = ["report", str(dead.path), "--out", str(tmp_path / "r.html")]
+    assert main([*args, "--layers", layer, layer + "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"no layer {layer + 'x'!r}" in err and "did you mean" in err and layer in err
+    assert not (tmp_path / "r.html").exists()

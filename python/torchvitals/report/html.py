@@ -11,6 +11,7 @@ from :mod:`torchvitals.analysis.summary`; this module only renders it.
 from __future__ import annotations
 
 import base64
+import difflib
 import html
 import io
 from collections.abc import Callable, Sequence
@@ -192,6 +193,21 @@ def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def check_layer_names(names: Sequence[str], known: set[str]) -> None:
+    """``ValueError`` naming every unknown layer with the closest known names."""
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.5)
+        hints.append(f"{name!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    raise ValueError(
+        f"no layer {', '.join(hints)} in this run; it has {len(known)} layers, e.g. "
+        f"{', '.join(sorted(known)[:5])}"
+    )
+
+
 def write_report(
     run: Run,
     events: Sequence[Event],
@@ -209,6 +225,8 @@ def write_report(
     matplotlib.use("Agg")
     say = progress or (lambda _: None)
     step, loss, lr, series = arrays if arrays is not None else series_from_run(run)
+    if layers:
+        check_layer_names(layers, {key.split("/", 1)[1] for key in series if "/" in key})
     preflight = _preflight_section(PreflightReport.load(run.path))
     sections = []
     say("loss curve")
