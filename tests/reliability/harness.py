@@ -20,14 +20,15 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _env() -> dict[str, str]:
+    """The children import the torchvitals this process imported: the source tree in a
+    checkout with a built extension, the installed package otherwise (as in CI)."""
+    import torchvitals
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO / "python"), env.get("PYTHONPATH", "")) if p
-    )
+    package_parent = str(Path(torchvitals.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
