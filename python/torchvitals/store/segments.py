@@ -65,7 +65,9 @@ class _Segment:
 
     __slots__ = ("_capture", "_sealer", "fd", "identity", "name", "path", "rows", "size", "writer")
 
-    def __init__(self, directory: RunDirectory, name: str, schema: pa.Schema):
+    def __init__(
+        self, directory: RunDirectory, name: str, schema: pa.Schema, options: pa.ipc.IpcWriteOptions
+    ):
         self.name = name
         self.path = os.path.join(directory.path, name)
         self.fd = directory.create(name)
@@ -75,7 +77,7 @@ class _Segment:
         self.rows = 0
         self._capture = _Capture()
         self._sealer = Sealer()
-        self.writer = pa.ipc.new_stream(self._capture, schema)
+        self.writer = pa.ipc.new_stream(self._capture, schema, options=options)
 
     def _append(self, data: bytes | bytearray) -> None:
         try:
@@ -130,8 +132,12 @@ class SegmentFiles:
         segment_bytes: int,
         directory: RunDirectory | None = None,
         on_taken: OnError | None = None,
+        compression: str | None = None,
     ):
         self.path = path
+        # Each record batch's buffers are compressed on their own, so every flushed batch
+        # still reads back after a crash; a reader needs nothing but pyarrow.
+        self._options = pa.ipc.IpcWriteOptions(compression=compression)
         #: ``on_taken(exc, path)``: a new segment's name was taken (a link or a file in the
         #: way): it is never written through, and the segment takes the next number.
         self.on_taken = on_taken
@@ -176,7 +182,10 @@ class SegmentFiles:
             number = self._next.get(table, 0)
             try:
                 seg = _Segment(
-                    self.directory, segment_name(table, self.rank, number), _SCHEMAS[table]
+                    self.directory,
+                    segment_name(table, self.rank, number),
+                    _SCHEMAS[table],
+                    self._options,
                 )
             except FileExistsError as exc:
                 # Something is where the next segment should go (a file another process

@@ -79,6 +79,8 @@ class RunWriter:
     strict: re-raise write errors (I/O and item conversion) on the training thread,
         at the next ``submit``/``flush``/``close``, instead of warning once and counting.
     segment_bytes: rotate a table's segment file once it is larger than this.
+    compression: ``"zstd"`` (default), ``"lz4"`` or ``None``: the codec of each record
+        batch's buffers (pyarrow, polars and duckdb read both).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class RunWriter:
         on_full: Literal["block", "drop"] = "drop",
         strict: bool = False,
         segment_bytes: int = 256 << 20,
+        compression: Literal["zstd", "lz4"] | None = "zstd",
     ):
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
@@ -106,6 +109,15 @@ class RunWriter:
         self.on_full = on_full
         self.strict = bool(strict)
         self.segment_bytes = int(segment_bytes)
+        if compression is not None and (
+            compression not in ("zstd", "lz4") or not pa.Codec.is_available(compression)
+        ):
+            available = [c for c in ("zstd", "lz4") if pa.Codec.is_available(c)]
+            raise ValueError(
+                f"compression={compression!r}: use one of {available} (this pyarrow's codecs) "
+                "or None"
+            )
+        self.compression = compression
 
         self._queue = SubmitQueue(self.max_pending, on_full)
         self._faults = FaultRecord(
@@ -118,6 +130,7 @@ class RunWriter:
             self.segment_bytes,
             directory=self._directory,
             on_taken=self._name_taken,
+            compression=self.compression,
         )
         self._dropped_row = _DroppedRow()
         self._manifest = ManifestFile(
@@ -129,6 +142,7 @@ class RunWriter:
                 "max_pending": self.max_pending,
                 "on_full": self.on_full,
                 "segment_bytes": self.segment_bytes,
+                "compression": self.compression,
             },
             directory=self._directory,
         )
@@ -188,7 +202,12 @@ class RunWriter:
             self._directory = directory
             self._faults._run_path = path
             self._segments = SegmentFiles(
-                path, self.rank, self.segment_bytes, directory=directory, on_taken=self._name_taken
+                path,
+                self.rank,
+                self.segment_bytes,
+                directory=directory,
+                on_taken=self._name_taken,
+                compression=self.compression,
             )
             self._manifest.directory = directory
             self._manifest.path = os.path.join(path, self._manifest.name)
