@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,24 @@ def _types_match(table: str, schema: pa.Schema) -> str | None:
         if i >= 0 and not f.type.equals(expected.field(i).type):
             return f"column {f.name!r} has type {f.type}, expected {expected.field(i).type}"
     return None
+
+
+def _read_segments(segments: list[tuple[str, int, int, Path]]) -> Iterator[tuple]:
+    """``_read_segment`` of each segment, in order. Segments are read on threads (pyarrow's
+    validation and the checksum release the GIL), at most two ahead of the caller so that
+    only a few segments are in memory at once."""
+    workers = min(len(segments), os.cpu_count() or 1, 4)
+    if workers <= 1:
+        yield from (_read_segment(file, table, rank) for table, rank, _seg, file in segments)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="torchvitals-reader") as pool:
+        ahead: deque[Future] = deque()
+        for table, rank, _seg, file in segments:
+            ahead.append(pool.submit(_read_segment, file, table, rank))
+            if len(ahead) > workers + 1:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def _read_segment(
@@ -307,6 +327,7 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
     seen_files: dict[tuple[int, int], Path] = {}
     seen_content: dict[tuple, Path] = {}
     segment_rows: list[tuple[str, int, int, int]] = []  # table, rank, seg, rows read
+    to_read = []
     for table, rank, seg, file in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
         try:
             st = os.stat(file)
@@ -320,7 +341,12 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
                 "(a link); its rows are read once",
             )
             continue
-        data, rec, fingerprint = _read_segment(file, table, rank)
+        if identity is not None:
+            seen_files[identity] = file
+        to_read.append((table, rank, seg, file))
+    for (table, rank, seg, file), (data, rec, fingerprint) in zip(
+        to_read, _read_segments(to_read), strict=True
+    ):
         if fingerprint and fingerprint in seen_content:
             _warn(
                 problems,
@@ -328,8 +354,6 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
                 "same record batches); its rows are read once",
             )
             continue
-        if identity is not None:
-            seen_files[identity] = file
         if fingerprint:
             seen_content[fingerprint] = file
         if rec is not None:
