@@ -20,7 +20,13 @@ from torch import nn
 
 import torchvitals
 from torchvitals.collect.distributed import recording_ranks
-from torchvitals.store.merge import MERGED_RANK, MissingRanksWarning, merge_ranks, rank_coverage
+from torchvitals.store.merge import (
+    MERGED_RANK,
+    MissingRanksWarning,
+    merge_ranks,
+    rank_coverage,
+    shard_holders,
+)
 from torchvitals.store.reader import load_run
 from torchvitals.store.writer import RunWriter
 
@@ -183,10 +189,15 @@ def test_fsdp2_shards_merge_into_the_full_parameters(tmp_path, reference):
     acts = run.to_pandas("layers")
     assert sorted(acts[acts["kind"] == "act"]["rank"].unique()) == [0, 1]
 
-    sharded = run.manifests[0]["distributed"]["sharded"]
-    assert set(sharded) == set(PARAMS)
-    assert sharded["4.weight"]["placements"] == ["Shard(dim=0)"]
-    assert sharded["4.weight"]["recorded_by"] == [0, 1]
+    dist = run.manifests[0]["distributed"]
+    assert set(dist["sharded"]) == set(PARAMS)
+    assert dist["sharded"]["4.weight"] == {
+        "mesh": 0,
+        "placements": ["Shard(dim=0)"],
+        "local_shape": [2, 16],
+    }
+    assert dist["meshes"] == [{"shape": [2], "dim_names": [], "coordinate": [0], "first_rank": 0}]
+    assert shard_holders(run.manifests) == {name: {0, 1} for name in PARAMS}
 
 
 def test_rank_killed_mid_run_leaves_the_other_readable(tmp_path):
@@ -219,12 +230,26 @@ def test_rank_killed_mid_run_leaves_the_other_readable(tmp_path):
 # --- the merge on hand-made shards ------------------------------------------------------
 
 
-def write_shards(path, shards: dict[int, list[torch.Tensor]], world: int, sharded=True):
+def sharded_layout(world: int, legacy: bool = False) -> dict:
+    """The ``distributed`` manifest entry of a parameter ``w`` sharded over every rank;
+    ``legacy``: as schema version 2 wrote it (every recording rank listed)."""
+    if legacy:
+        return {"grads_on": "rank0", "sharded": {"w": {"recorded_by": list(range(world))}}}
+    return {
+        "grads_on": "rank0",
+        "meshes": [{"shape": [world], "first_rank": 0}],
+        "sharded": {"w": {"mesh": 0, "placements": ["Shard(dim=0)"]}},
+    }
+
+
+def write_shards(
+    path, shards: dict[int, list[torch.Tensor]], world: int, sharded=True, legacy=False
+):
     """One RunWriter per rank, writing the engine's statistics of its shards (one
     parameter ``w`` per step) the way the Monitor does."""
     for rank, tensors in shards.items():
-        dist = {"grads_on": "rank0", "sharded": {"w": {"recorded_by": list(range(world))}}}
-        manifest = {"world_size": world, "distributed": dist if sharded else {}}
+        dist = sharded_layout(world, legacy) if sharded else {}
+        manifest = {"world_size": world, "distributed": dist}
         with RunWriter(path, manifest=manifest, rank=rank) as w:
             for step, t in enumerate(tensors):
                 s = torchvitals.tensor_stats([t], saturation=1.5)
@@ -269,6 +294,49 @@ def test_merged_shards_equal_the_statistics_of_the_whole_tensor(tmp_path):
     # rows come out as load_run promises: by step, merged rows first
     assert layers["step"].is_monotonic_increasing
     assert layers.groupby("step")["rank"].apply(lambda r: r.is_monotonic_increasing).all()
+
+
+def test_manifests_of_schema_version_2_merge_the_same(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    full = [torch.randn(6, 3, generator=gen) for _ in range(3)]
+    shards = {r: [t[2 * r : 2 * r + 2] for t in full] for r in range(3)}
+    runs = []
+    for legacy in (False, True):
+        write_shards(tmp_path / str(legacy), shards, world=3, legacy=legacy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            runs.append(load_run(tmp_path / str(legacy), merge=merge_ranks))
+    for name in ("scalars", "layers", "hist"):
+        assert runs[0].table(name).equals(runs[1].table(name)), name
+    assert set(runs[0].layers.column("rank").to_pylist()) == {MERGED_RANK, 0, 1, 2}
+
+
+def test_recording_ranks_are_derived_from_mesh_and_placements():
+    hsdp = {"shape": [2, 4], "first_rank": 8}  # ranks 8-15: replicas along dim 0
+    odd = {"shape": [2, 2], "ranks": [[3, 1], [7, 5]]}  # not consecutive: listed
+    manifests = {
+        0: {
+            "distributed": {
+                "meshes": [hsdp, odd],
+                "sharded": {
+                    "a": {"mesh": 0, "placements": ["Replicate()", "Shard(dim=0)"]},
+                    "b": {"mesh": 0, "placements": ["Shard(dim=0)", "Replicate()"]},
+                    "c": {"mesh": 1, "placements": ["Shard(dim=0)", "Shard(dim=1)"]},
+                    "d": {"mesh": 1, "placements": ["Shard(dim=0)", "Replicate()"]},
+                    "bad": {"mesh": 5, "placements": ["Shard(dim=0)"]},
+                },
+            }
+        },
+        # another rank, in the old format, records one more parameter: the union counts
+        1: {"distributed": {"sharded": {"e": {"recorded_by": [0, 2]}}}},
+    }
+    assert shard_holders(manifests) == {
+        "a": {8, 9, 10, 11},
+        "b": {8, 12},
+        "c": {1, 3, 5, 7},
+        "d": {3, 7},
+        "e": {0, 2},
+    }
 
 
 def test_a_rank_that_wrote_nothing_is_reported_and_nothing_merged(tmp_path):

@@ -132,6 +132,20 @@ SCENARIOS = {
     "recorded_by_negative": lambda r: _edit_manifest(
         r, _dist({"sharded": {"fc1": {"recorded_by": [-1]}}})
     ),
+    # schema version 3: mesh and placements per parameter, the recording ranks derived
+    "mesh_shape_2**40": lambda r: _edit_manifest(r, _dist({"meshes": [{"shape": [2**20, 2**20]}]})),
+    "mesh_first_rank_huge": lambda r: _edit_manifest(
+        r, _dist({"meshes": [{"shape": [8], "first_rank": 2**40}]})
+    ),
+    "mesh_ranks_ragged": lambda r: _edit_manifest(
+        r, _dist({"meshes": [{"shape": [2, 2], "ranks": [[0, 1], [2]]}]})
+    ),
+    "mesh_index_out_of_range": lambda r: _edit_manifest(
+        r, _dist({"meshes": [], "sharded": {"fc1": {"mesh": 3, "placements": []}}})
+    ),
+    "placements_string": lambda r: _edit_manifest(
+        r, _dist({"sharded": {"fc1": {"placements": "Shard(dim=0)"}}})
+    ),
     "grads_on_list": lambda r: _edit_manifest(r, _dist({"grads_on": ["rank0"]})),
     "rows_written_string": lambda r: _edit_manifest(r, _set("rows_written", "lots")),
     "rows_written_negative": lambda r: _edit_manifest(r, _set("rows_written", {"hist": -1})),

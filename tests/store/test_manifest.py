@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from torchvitals.store.layout import manifest_checksum
 from torchvitals.store.manifest import ManifestFile
+from torchvitals.store.manifest_check import check_manifest
 from torchvitals.store.schema import SCHEMA_VERSION
 
 
@@ -72,3 +74,41 @@ def test_manifest_never_written_through_a_link(tmp_path):
         "elsewhere.json",
         "manifest.rank0.json",
     ]  # no temporary file left behind
+
+
+def _check(distributed: dict) -> dict:
+    text = json.dumps({"schema_version": SCHEMA_VERSION, "distributed": distributed}).encode()
+    return check_manifest(text, "m.json", 0)[0]
+
+
+@pytest.mark.parametrize(
+    ("distributed", "match"),
+    [
+        ({"meshes": {"shape": [2]}}, "'distributed.meshes' must be a list"),
+        ({"meshes": [{"shape": [2**11, 2**11]}]}, r"meshes\[0\]'.shape must be"),
+        ({"meshes": [{"shape": [0]}]}, r"meshes\[0\]'.shape must be"),
+        ({"meshes": [{"shape": [4], "first_rank": 2**20 - 2}]}, "first_rank must be a rank"),
+        ({"meshes": [{"shape": [2], "first_rank": -1}]}, "first_rank must be a rank"),
+        ({"meshes": [{"shape": [2, 2], "ranks": [[0, 1], [2]]}]}, "nested lists of ranks"),
+        ({"meshes": [{"shape": [2], "ranks": [0, 2**40]}]}, r"'.ranks holds 1099511627776"),
+        ({"sharded": {"w": {"mesh": 0}}}, r"sharded\['w'\]'.mesh is 0, not an index"),
+        (
+            {"meshes": [{"shape": [2], "first_rank": 0}], "sharded": {"w": {"mesh": 1}}},
+            "not an index into 'meshes'",
+        ),
+        ({"sharded": {"w": {"placements": "Shard(0)"}}}, "placements must be a list"),
+    ],
+)
+def test_sharding_layout_limits_are_named(distributed, match):
+    with pytest.raises(ValueError, match=match) as ei:
+        _check(distributed)
+    assert "m.json" in str(ei.value)
+
+
+def test_sharding_layout_of_both_versions_is_accepted():
+    mesh = {"shape": [2, 2], "ranks": [[3, 1], [7, 5]], "coordinate": [0, 1]}
+    entry = {"mesh": 1, "placements": ["Replicate()", "Shard(dim=0)"], "local_shape": [4]}
+    new = {"meshes": [{"shape": [8], "first_rank": 0}, mesh], "sharded": {"w": entry}}
+    assert _check(new)["distributed"] == new
+    old = {"sharded": {"w": {"recorded_by": [0, 1]}}}
+    assert _check(old)["distributed"] == old

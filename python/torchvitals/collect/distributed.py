@@ -3,6 +3,8 @@
 - :func:`layout`: the process-group layout written to each rank's manifest (rank, world
   size, backend, torchrun's local/node ranks, the DDP group, the device meshes and the
   placement of every sharded parameter), which :mod:`torchvitals.store.merge` reads back.
+  It grows with the parameters this rank holds, not with the world size: the ranks that
+  record a parameter are derived from its mesh and placements when the run is read.
 - :class:`ParamPolicy`: which parameters this rank records, and the tensor it measures.
   A DTensor (FSDP2 ``fully_shard``, tensor parallel) is measured through ``to_local()``,
   the local shard, with no communication; of the ranks holding identical copies (a
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from torchvitals.engine.derived import gradient_totals, norm
+from torchvitals.store import merge
 
 GradsOn = Literal["auto", "rank0", "all"]
 
@@ -68,12 +71,9 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 def recording_ranks(mesh_ranks: torch.Tensor, placements: Iterable[Any]) -> list[int]:
     """Global ranks that record a DTensor: those at coordinate 0 of every mesh dimension
-    along which it is replicated."""
-    ranks = mesh_ranks
-    for dim, placement in enumerate(placements):
-        if placement.is_replicate():
-            ranks = ranks.narrow(dim, 0, 1)
-    return sorted(int(r) for r in ranks.flatten().tolist())
+    along which it is replicated (the merge derives the same from the manifest)."""
+    replicated = [placement.is_replicate() for placement in placements]
+    return merge.recording_ranks(mesh_ranks.cpu().numpy(), replicated)
 
 
 class ParamPolicy:
@@ -112,12 +112,20 @@ class ParamPolicy:
 
 
 def _mesh_entry(mesh: Any) -> dict[str, Any]:
-    return {
-        "shape": list(mesh.mesh.shape),
+    ranks = mesh.mesh.cpu()
+    entry = {
+        "shape": list(ranks.shape),
         "dim_names": list(mesh.mesh_dim_names or ()),
-        "ranks": mesh.mesh.tolist(),
         "coordinate": mesh.get_coordinate(),
     }
+    flat = ranks.flatten()
+    first = int(flat[0]) if flat.numel() else 0
+    # A mesh of consecutive ranks (the usual one) is two numbers, not world_size of them.
+    if torch.equal(flat, torch.arange(first, first + flat.numel(), dtype=flat.dtype)):
+        entry["first_rank"] = first
+    else:
+        entry["ranks"] = ranks.tolist()
+    return entry
 
 
 def layout(
@@ -161,7 +169,6 @@ def layout(
             "mesh": meshes.index(mesh),
             "placements": [repr(pl) for pl in p.placements],
             "local_shape": list(p.to_local().shape),
-            "recorded_by": recording_ranks(mesh.mesh, p.placements),
         }
     out["meshes"] = [_mesh_entry(m) for m in meshes]
     out["sharded"] = sharded

@@ -12,6 +12,7 @@ to warn about: its data may still be right, but a key may have been edited or da
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from .layout import MANIFEST_CHECKSUM_KEY, MAX_RANKS, MAX_SEGMENTS, manifest_checksum
@@ -24,6 +25,9 @@ __all__ = ["MAX_MANIFEST_BYTES", "ManifestError", "SchemaVersionError", "check_m
 MAX_MANIFEST_BYTES = 256 << 20
 #: At most this many sharded parameters in a manifest.
 MAX_SHARDED = 1 << 20
+#: At most this many device meshes, of at most this many dimensions each.
+MAX_MESHES = 1 << 12
+MAX_MESH_DIMS = 16
 
 
 class ManifestError(ValueError):
@@ -55,6 +59,54 @@ def _count(path: object, obj: dict, key: str) -> None:
         raise _fail(path, f"{key!r} must be a non-negative integer, got {value!r:.60}")
 
 
+def _ranks_list(path: object, where: str, value: Any, shape: list[int]) -> None:
+    """``value`` is nested lists of ranks of exactly ``shape``."""
+    if not shape:
+        if not (_is_int(value) and 0 <= value < MAX_RANKS):
+            raise _fail(path, f"{where} holds {value!r:.40}, not a rank in [0, {MAX_RANKS})")
+        return
+    if not isinstance(value, list) or len(value) != shape[0]:
+        raise _fail(path, f"{where} must be nested lists of ranks of the mesh's shape")
+    for item in value:
+        _ranks_list(path, where, item, shape[1:])
+
+
+def _meshes(path: object, meshes: Any) -> int:
+    """Checks ``distributed.meshes``; how many there are."""
+    if meshes is None:
+        return 0
+    if not isinstance(meshes, list) or len(meshes) > MAX_MESHES:
+        raise _fail(path, f"'distributed.meshes' must be a list of at most {MAX_MESHES} meshes")
+    for i, mesh in enumerate(meshes):
+        where = f"'distributed.meshes[{i}]'"
+        if not isinstance(mesh, dict):
+            raise _fail(path, f"{where} must be an object, got {type(mesh).__name__}")
+        shape = mesh.get("shape")
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= MAX_MESH_DIMS
+            and all(_is_int(n) and n >= 1 for n in shape)
+            and math.prod(shape) <= MAX_RANKS
+        ):
+            raise _fail(
+                path,
+                f"{where}.shape must be at most {MAX_MESH_DIMS} positive sizes of at most "
+                f"{MAX_RANKS} ranks in all, got {shape!r:.60}",
+            )
+        first = mesh.get("first_rank")
+        if first is not None and not (
+            _is_int(first) and first >= 0 and first + math.prod(shape) <= MAX_RANKS
+        ):
+            raise _fail(
+                path,
+                f"{where}.first_rank must be a rank with the mesh below {MAX_RANKS}, "
+                f"got {first!r:.40}",
+            )
+        if first is None and mesh.get("ranks") is not None:
+            _ranks_list(path, f"{where}.ranks", mesh["ranks"], shape)
+    return len(meshes)
+
+
 def _distributed(path: object, dist: Any) -> None:
     if dist is None:
         return
@@ -63,6 +115,7 @@ def _distributed(path: object, dist: Any) -> None:
     grads_on = dist.get("grads_on")
     if grads_on is not None and not isinstance(grads_on, str):
         raise _fail(path, f"'distributed.grads_on' must be a string, got {grads_on!r:.60}")
+    meshes = _meshes(path, dist.get("meshes"))
     sharded = dist.get("sharded")
     if sharded is None:
         return
@@ -77,7 +130,19 @@ def _distributed(path: object, dist: Any) -> None:
         where = f"'distributed.sharded[{name!r:.80}]'"
         if not isinstance(entry, dict):
             raise _fail(path, f"{where} must be an object, got {type(entry).__name__}")
-        ranks = entry.get("recorded_by")
+        mesh = entry.get("mesh")
+        if mesh is not None and not (_is_int(mesh) and 0 <= mesh < meshes):
+            raise _fail(path, f"{where}.mesh is {mesh!r:.40}, not an index into 'meshes'")
+        placements = entry.get("placements")
+        if placements is not None and not (
+            isinstance(placements, list)
+            and len(placements) <= MAX_MESH_DIMS
+            and all(isinstance(p, str) for p in placements)
+        ):
+            raise _fail(
+                path, f"{where}.placements must be a list of at most {MAX_MESH_DIMS} strings"
+            )
+        ranks = entry.get("recorded_by")  # written before schema version 3
         if ranks is None:
             continue
         if not isinstance(ranks, list) or len(ranks) > limit:

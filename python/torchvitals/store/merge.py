@@ -5,12 +5,14 @@ during training. What is merged:
 
 - **Sharded parameters** (DTensor: FSDP2 ``fully_shard``, tensor parallel). Each rank
   records the ``grad`` and ``weight`` rows of its local shard under the parameter's
-  name; the manifests list, per parameter, the ranks that record a shard
-  (``distributed.sharded[name].recorded_by``). The shards' rows of one step combine
-  exactly into one row of the whole parameter, with ``rank = MERGED_RANK`` (-1, "all
-  ranks"): ``numel, nan, inf, zeros, saturated, units, dead_units, saturated_units, large,
-  sum, sumsq`` add, ``max_abs`` is the max, histogram ``counts`` add. So the merged
-  norm ``sqrt(sumsq)`` is the norm of the full gradient.
+  name; the manifests give, per parameter, its device mesh and placements
+  (``distributed.sharded[name]``), from which :func:`shard_holders` derives the ranks
+  that record a shard (older manifests list them, ``recorded_by``). The shards' rows
+  of one step combine exactly into one row of the whole parameter, with
+  ``rank = MERGED_RANK`` (-1, "all ranks"): ``numel, nan, inf, zeros, saturated, units,
+  dead_units, saturated_units, large, sum, sumsq`` add, ``max_abs`` is the max,
+  histogram ``counts`` add. So the merged norm ``sqrt(sumsq)`` is the norm of the full
+  gradient.
 - **Everything else stays per rank**: activations and activation gradients (each rank
   sees its own slice of the batch), plain parameters (under DDP recorded by rank 0
   only), scalars.
@@ -29,8 +31,9 @@ always a complete parameter. :func:`rank_coverage` gives the same report as data
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +49,7 @@ __all__ = [
     "RankCoverage",
     "merge_ranks",
     "rank_coverage",
+    "recording_ranks",
     "shard_holders",
 ]
 
@@ -160,20 +164,85 @@ def _dist(manifest: dict) -> dict:
     return dist if isinstance(dist, dict) else {}
 
 
+def recording_ranks(mesh: np.ndarray, replicated: Sequence[bool]) -> list[int]:
+    """Global ranks that record a DTensor on the device mesh ``mesh`` (an array of global
+    ranks): those at coordinate 0 of every mesh dimension it is ``replicated`` along."""
+    for dim, rep in enumerate(replicated[: mesh.ndim]):
+        if rep:
+            mesh = mesh.take([0], axis=dim)
+    return sorted(int(r) for r in mesh.ravel().tolist())
+
+
+def _mesh_key(entry: Any) -> tuple | None:
+    """A hashable description of a ``distributed.meshes`` entry: ``(shape, first rank)``
+    for a mesh of consecutive ranks, ``(shape, ranks)`` otherwise; None when malformed."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+        return None
+    shape = tuple(entry["shape"])
+    if not all(_is_rank(n) for n in shape):
+        return None
+    if "first_rank" in entry:
+        first = entry["first_rank"]
+        return (shape, first) if _is_rank(first) else None
+    try:  # written before schema version 3, or a mesh of other than consecutive ranks
+        ranks = np.asarray(entry.get("ranks"), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if ranks.shape != shape or (ranks < 0).any():
+        return None
+    return (shape, tuple(ranks.ravel().tolist()))
+
+
+def _mesh_array(key: tuple) -> np.ndarray:
+    shape, ranks = key
+    if isinstance(ranks, tuple):
+        return np.array(ranks, dtype=np.int64).reshape(shape)
+    return np.arange(ranks, ranks + int(np.prod(shape, dtype=np.int64))).reshape(shape)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def shard_holders(manifests: Mapping[int, dict]) -> dict[str, frozenset[int]]:
-    """``{parameter name: ranks that record a shard of it}`` from the manifests."""
-    holders: dict[str, set[int]] = {}
+    """``{parameter name: ranks that record a shard of it}`` from the manifests.
+
+    Schema version 3 stores per parameter only its mesh and placements (the manifest
+    grows with the parameters, not with world size x parameters); the recording ranks
+    are derived here, once per distinct (mesh, placements). Older manifests list them
+    (``recorded_by``)."""
+    keys: dict[str, set[tuple]] = {}
+    ranks_of: dict[tuple, frozenset[int]] = {}
     for m in manifests.values():
-        sharded = _dist(m).get("sharded")
+        dist = _dist(m)
+        sharded = dist.get("sharded")
         if not isinstance(sharded, dict):
             continue
+        meshes = dist.get("meshes")
+        meshes = [_mesh_key(e) for e in meshes] if isinstance(meshes, list) else []
         for name, entry in sharded.items():
-            ranks = entry.get("recorded_by") if isinstance(entry, dict) else None
-            ranks = ranks if isinstance(ranks, list) else ()
-            holders.setdefault(name, set()).update(
-                r for r in ranks if isinstance(r, int) and not isinstance(r, bool) and r >= 0
-            )
-    return {name: frozenset(ranks) for name, ranks in holders.items()}
+            if not isinstance(entry, dict):
+                continue
+            listed = entry.get("recorded_by")
+            mesh, placements = entry.get("mesh"), entry.get("placements")
+            if isinstance(listed, list):
+                key: tuple = ("recorded_by", *(r for r in listed if _is_rank(r)))
+                if key not in ranks_of:
+                    ranks_of[key] = frozenset(key[1:])
+            elif _is_rank(mesh) and mesh < len(meshes) and meshes[mesh] is not None:
+                replicated = tuple(
+                    isinstance(p, str) and p.startswith("Replicate")
+                    for p in (placements if isinstance(placements, list) else ())
+                )
+                key = (meshes[mesh], replicated)
+                if key not in ranks_of:
+                    ranks_of[key] = frozenset(
+                        recording_ranks(_mesh_array(meshes[mesh]), replicated)
+                    )
+            else:
+                continue
+            keys.setdefault(name, set()).add(key)
+    return {name: frozenset().union(*(ranks_of[k] for k in ks)) for name, ks in keys.items()}
 
 
 def rank_coverage(per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]) -> RankCoverage:
