@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from torchvitals.store import segments
 from torchvitals.store.reader import SchemaVersionError, load_run
 from torchvitals.store.schema import SCHEMA_VERSION, SCHEMAS
 from torchvitals.store.writer import RunWriter
@@ -61,6 +62,12 @@ def load_quiet(path):
 
 
 @pytest.fixture
+def streams(monkeypatch):
+    """Closed segments stay Arrow streams (not compacted): for the stream reader's tests."""
+    monkeypatch.setattr(segments, "COMPACT", False)
+
+
+@pytest.fixture
 def run_dir(tmp_path):
     path = str(tmp_path / "run")
     write_run(path)
@@ -75,11 +82,11 @@ def test_docs_snippets_run(run_dir):
     ns = {"run_dir": run_dir}
     for block in blocks:
         exec(compile(block, DOCS, "exec"), ns)
-    assert ns["scalars"].num_rows == 12  # pyarrow
+    assert ns["late"].num_rows == 6 and min(ns["late"]["step"].to_pylist()) == 3  # dataset
     assert ns["grad_norm"].height == 12  # polars
+    assert ns["peaks"] == [("loss", 1.0), ("lr/group0", 0.1)]  # duckdb
     assert ns["loss"].index.tolist() == list(range(6))  # pandas
-    assert ns["top"] == [("loss", 1.0), ("lr/group0", 0.1)]  # duckdb over a stream reader
-    assert ns["rows"] == [(6,)]  # duckdb over load_run's table
+    assert ns["open_scalars"] is None  # a closed run: every segment compacted
     assert ns["steps"].tolist() == list(range(6))
 
 
@@ -139,7 +146,7 @@ def test_newer_schema_version_in_segment(run_dir):
         load_run(run_dir)
 
 
-def test_truncated_segment_mid_batch(tmp_path):
+def test_truncated_segment_mid_batch(tmp_path, streams):
     path = str(tmp_path / "run")
     sizes = write_run(path)  # sizes[k]: file size after k+1 batches
     seg = os.path.join(path, "scalars.rank0.000000.arrows")
@@ -277,7 +284,7 @@ def test_edited_manifest_is_flagged(run_dir):
     assert msgs == run.problems and len(msgs) == 1 and "does not match its checksum" in msgs[0]
 
 
-def test_large_segment_checked_on_threads(tmp_path, monkeypatch):
+def test_large_segment_checked_on_threads(tmp_path, monkeypatch, streams):
     """A segment over PARALLEL_BYTES is hashed on the pool: same verdicts as inline."""
     from torchvitals.store import integrity
 

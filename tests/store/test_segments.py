@@ -42,7 +42,7 @@ def test_numbering_continues_after_existing_segments(tmp_path):
         "layers.rank0.000008.arrows.tmp",  # not a segment
     ]:
         (tmp_path / name).write_bytes(b"old")
-    segs = SegmentFiles(str(tmp_path), 0, 1 << 20)
+    segs = SegmentFiles(str(tmp_path), 0, 1 << 20, compact=False)
     segs.number_after_existing()
     assert segs.path_for("scalars") == str(tmp_path / "scalars.rank0.000004.arrows")
     assert segs.path_for("layers") == str(tmp_path / "layers.rank0.000000.arrows")
@@ -53,7 +53,7 @@ def test_numbering_continues_after_existing_segments(tmp_path):
 
 
 def test_a_new_directory_starts_at_zero(tmp_path):
-    segs = SegmentFiles(str(tmp_path), 2, 1 << 20)
+    segs = SegmentFiles(str(tmp_path), 2, 1 << 20, compact=False)
     segs.number_after_existing()
     segs.write("layers", batch("layers"))
     assert segs.path_for("layers") == str(tmp_path / "layers.rank2.000000.arrows")
@@ -61,14 +61,14 @@ def test_a_new_directory_starts_at_zero(tmp_path):
 
 
 def test_rotation_once_a_segment_reaches_segment_bytes(tmp_path):
-    probe = SegmentFiles(str(tmp_path), 0, 1 << 20)
+    probe = SegmentFiles(str(tmp_path), 0, 1 << 20, compact=False)
     for step in range(2):
         probe.write("scalars", batch(step=step))
     probe.flush(["scalars"], on_error=pytest.fail)
     two = os.path.getsize(probe.path_for("scalars"))  # schema + two batches
     probe.close_all(on_error=pytest.fail)
 
-    segs = SegmentFiles(str(tmp_path / "rot"), 0, segment_bytes=two)
+    segs = SegmentFiles(str(tmp_path / "rot"), 0, segment_bytes=two, compact=False)
     os.mkdir(segs.path)
     for step in range(5):
         segs.write("scalars", batch(step=step))
@@ -82,7 +82,8 @@ def test_rotation_once_a_segment_reaches_segment_bytes(tmp_path):
 
 
 def test_flush_only_rotates_the_tables_named(tmp_path):
-    segs = SegmentFiles(str(tmp_path), 0, segment_bytes=1)  # any flushed segment is full
+    # any flushed segment is full
+    segs = SegmentFiles(str(tmp_path), 0, segment_bytes=1, compact=False)
     segs.write("scalars", batch())
     segs.write("layers", batch("layers"))
     segs.flush(["scalars"], on_error=pytest.fail)
@@ -92,7 +93,7 @@ def test_flush_only_rotates_the_tables_named(tmp_path):
 
 
 def test_close_all_ends_every_stream(tmp_path):
-    segs = SegmentFiles(str(tmp_path), 0, 1 << 20)
+    segs = SegmentFiles(str(tmp_path), 0, 1 << 20, compact=False)
     segs.write("scalars", batch(n=3))
     segs.write("layers", batch("layers", n=2))
     segs.close_all(on_error=pytest.fail)
@@ -103,7 +104,7 @@ def test_close_all_ends_every_stream(tmp_path):
 
 
 def test_abandon_closes_the_files_without_an_end_marker(tmp_path):
-    segs = SegmentFiles(str(tmp_path), 0, 1 << 20)
+    segs = SegmentFiles(str(tmp_path), 0, 1 << 20, compact=False)
     segs.write("scalars", batch(n=2))
     segs.abandon()
     (name,) = files(tmp_path)
@@ -123,7 +124,7 @@ def test_close_all_reports_each_failure(tmp_path, monkeypatch, abandon_on_error)
         original(self)
 
     monkeypatch.setattr(segments_module._Segment, "close", close)
-    segs = SegmentFiles(str(tmp_path), 0, 1 << 20)
+    segs = SegmentFiles(str(tmp_path), 0, 1 << 20, compact=False)
     for table in ("scalars", "layers", "hist"):
         segs.write(table, batch(table) if table != "hist" else _hist_batch())
     errors = []
@@ -142,7 +143,7 @@ def test_close_all_reports_each_failure(tmp_path, monkeypatch, abandon_on_error)
 def test_a_failed_write_is_taken_back_and_the_next_segment_opened(tmp_path, monkeypatch):
     """A full disk in the middle of a batch: the file ends at its last complete batch, no
     batch is half written, and writing goes on in the next segment."""
-    segs = SegmentFiles(str(tmp_path), 0, 1 << 20)
+    segs = SegmentFiles(str(tmp_path), 0, 1 << 20, compact=False)
     segs.write("scalars", batch(step=0, n=2))
     size = os.path.getsize(tmp_path / "scalars.rank0.000000.arrows")
     real_write = os.write
@@ -172,7 +173,9 @@ def test_a_link_in_the_way_is_never_written_through(tmp_path):
     target.write_bytes(b"precious")
     (tmp_path / "scalars.rank0.000000.arrows").symlink_to(target)
     taken = []
-    segs = SegmentFiles(str(tmp_path), 0, 1 << 20, on_taken=lambda e, p: taken.append((e, p)))
+    segs = SegmentFiles(
+        str(tmp_path), 0, 1 << 20, on_taken=lambda e, p: taken.append((e, p)), compact=False
+    )
     segs.write("scalars", batch(n=2))
     segs.close_all(on_error=pytest.fail)
     assert target.read_bytes() == b"precious"

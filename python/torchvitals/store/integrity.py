@@ -33,6 +33,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,6 +51,7 @@ __all__ = [
     "checksum_metadata",
     "nh64",
     "read_stream",
+    "verified_batches",
     "with_checksum_flag",
 ]
 
@@ -287,6 +289,12 @@ class _Walk:
                 return at
 
     def run(self) -> StreamContents:
+        for _ in self.walk():
+            pass
+        return self.finish()
+
+    def walk(self) -> Iterator[None]:
+        """Walk the messages; yields after each record batch put in ``pending``."""
         out, data = self.out, self.data
         try:
             message, pos = self.message_at(0)
@@ -296,7 +304,7 @@ class _Walk:
         except (pa.ArrowException, OSError, EOFError, ValueError) as exc:
             out.damage.append(Damage(0, None, f"no readable schema: {_describe(exc)}"))
             out.clean_end = False
-            return out
+            return
         self.schema_bytes = data[:pos]
         self.schema_crc = zlib.crc32(message.metadata)
         out.checksummed = SCHEMA_FLAG in (out.schema.metadata or {})
@@ -324,6 +332,7 @@ class _Walk:
                 continue
             if message.type == "record batch":
                 self.batch(pos, end, message)
+                yield
             elif message.type == "dictionary":
                 try:
                     dict_id, delta = _dictionary_key(bytes(message.metadata))
@@ -337,7 +346,6 @@ class _Walk:
             else:
                 self.damaged(Damage(pos, None, f"unexpected {message.type} message"))
             pos = end
-        return self.finish()
 
     def decode(self, pos: int, end: int) -> pa.RecordBatch:
         if self.fast is not None:
@@ -429,6 +437,32 @@ def _checksum_pool() -> ThreadPoolExecutor | None:
         if _pool is None:
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="torchvitals-checksum")
     return _pool
+
+
+def verified_batches(data) -> Iterator[tuple[pa.RecordBatch, int]]:
+    """The record batches of a stream segment that must be intact (one being compacted),
+    one at a time with their checksums (as in :attr:`StreamContents.checksums`), each
+    checked (``validate(full=True)`` and its checksum) before it is yielded, so only one
+    batch is decoded at a time. ``data``: bytes or a read-only ``mmap``. Raises
+    ``ValueError`` at the first damage of any kind, naming its offset."""
+    walk = _Walk(data)
+    walk.pool = None  # one batch at a time: nothing to hash ahead
+    for _ in walk.walk():
+        if walk.out.damage:
+            break
+        pos, batch, prefix, body, written = walk.pending.pop()
+        if written is None and (walk.out.checksummed or walk.tagged):
+            raise ValueError(f"record batch at byte {pos}: checksum missing")
+        digits = b"%08x%016x" % (prefix, nh64(body))
+        if written is not None and digits != written:
+            raise ValueError(f"record batch at byte {pos}: checksum mismatch")
+        del body
+        yield batch, int(digits, 16)
+    if walk.out.damage:
+        first = walk.out.damage[0]
+        raise ValueError(f"at byte {first.offset}: {first.error}")
+    if not walk.out.clean_end:
+        raise ValueError("the stream does not end at a batch boundary")
 
 
 def read_stream(data: bytes, schema: pa.Schema | None = None) -> StreamContents:

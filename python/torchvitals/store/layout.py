@@ -3,7 +3,8 @@
 Shared by the writer and the reader, so that neither imports the other::
 
     {run}/manifest.rank{R}.json
-    {run}/{table}.rank{R}.{seg:06d}.arrows
+    {run}/{table}.rank{R}.{seg:06d}.arrows    # Arrow IPC stream: the segment being written
+    {run}/{table}.rank{R}.{seg:06d}.parquet   # a closed segment, compacted (compaction.py)
     {run}/writer.rank{R}.lock          # held by the live writer of rank R
 
 Every rank writes its own files, so ranks never coordinate (``docs/schema.md``).
@@ -41,7 +42,10 @@ __all__ = [
     "MANIFEST_RE",
     "MAX_RANKS",
     "MAX_SEGMENTS",
+    "PARQUET",
+    "SEGMENT_FORMATS",
     "SEGMENT_RE",
+    "STREAM",
     "NotRegularFileError",
     "UnsafePathError",
     "create_new",
@@ -51,6 +55,7 @@ __all__ = [
     "manifest_checksum",
     "manifest_name",
     "parse_manifest_name",
+    "parse_segment_file",
     "parse_segment_name",
     "read_regular_file",
     "segment_name",
@@ -65,16 +70,24 @@ MAX_RANKS = 1 << 20
 #: Segment numbers are below this.
 MAX_SEGMENTS = 10**9
 
+#: Suffix of a segment being written: an Arrow IPC stream (crash-safe, appended to).
+STREAM = "arrows"
+#: Suffix of a closed segment compacted into a Parquet file (any engine scans it lazily).
+PARQUET = "parquet"
+SEGMENT_FORMATS = (STREAM, PARQUET)
+
 _RANK = r"(?P<rank>0|[1-9][0-9]{0,6})"
 #: File names of segments and manifests, exactly as segment_name and manifest_name write them.
 SEGMENT_RE = re.compile(
-    r"^(?P<table>[A-Za-z0-9_]+)\.rank" + _RANK + r"\.(?P<seg>[0-9]{6}|[1-9][0-9]{6,8})\.arrows$"
+    r"^(?P<table>[A-Za-z0-9_]+)\.rank"
+    + _RANK
+    + r"\.(?P<seg>[0-9]{6}|[1-9][0-9]{6,8})\.(?P<format>arrows|parquet)$"
 )
 MANIFEST_RE = re.compile(r"^manifest\.rank" + _RANK + r"\.json$")
 LOCK_RE = re.compile(r"^writer\.rank" + _RANK + r"\.lock$")
 # What a copy or a hand-made file of a run looks like: warned about, never read.
 _LOOSE_RE = re.compile(
-    r"^(?:[A-Za-z0-9_]+\.rank[0-9]+\.[0-9]+\.arrows|manifest\.rank[0-9]+\.json)$"
+    r"^(?:[A-Za-z0-9_]+\.rank[0-9]+\.[0-9]+\.(?:arrows|parquet)|manifest\.rank[0-9]+\.json)$"
 )
 
 
@@ -88,9 +101,12 @@ class NotRegularFileError(OSError):
     """A file to read is not a regular file (a FIFO, a device, a directory, a socket)."""
 
 
-def segment_name(table: str, rank: int, seg: int) -> str:
-    """File name of segment ``seg`` of ``table`` written by ``rank``."""
-    return f"{table}.rank{rank}.{seg:06d}.arrows"
+def segment_name(table: str, rank: int, seg: int, fmt: str = STREAM) -> str:
+    """File name of segment ``seg`` of ``table`` written by ``rank``: the stream being
+    written (``fmt="arrows"``) or, once closed and compacted, ``fmt="parquet"``."""
+    if fmt not in SEGMENT_FORMATS:
+        raise ValueError(f"segment format {fmt!r}: expected one of {', '.join(SEGMENT_FORMATS)}")
+    return f"{table}.rank{rank}.{seg:06d}.{fmt}"
 
 
 def manifest_name(rank: int) -> str:
@@ -103,15 +119,22 @@ def lock_name(rank: int) -> str:
     return f"writer.rank{rank}.lock"
 
 
-def parse_segment_name(name: str) -> tuple[str, int, int] | None:
-    """``(table, rank, seg)`` of an exact segment name, else ``None``."""
+def parse_segment_file(name: str) -> tuple[str, int, int, str] | None:
+    """``(table, rank, seg, format)`` of an exact segment name (``format``: ``"arrows"``
+    or ``"parquet"``), else ``None``."""
     m = SEGMENT_RE.match(name)
     if m is None:
         return None
     rank, seg = int(m["rank"]), int(m["seg"])
     if rank >= MAX_RANKS or seg >= MAX_SEGMENTS:
         return None
-    return m["table"], rank, seg
+    return m["table"], rank, seg, m["format"]
+
+
+def parse_segment_name(name: str) -> tuple[str, int, int] | None:
+    """``(table, rank, seg)`` of an exact segment name of either format, else ``None``."""
+    parsed = parse_segment_file(name)
+    return parsed[:3] if parsed else None
 
 
 def parse_manifest_name(name: str) -> int | None:
@@ -124,7 +147,8 @@ def parse_manifest_name(name: str) -> int | None:
 
 def looks_like_run_file(name: str) -> bool:
     """Whether ``name`` looks like a segment or manifest without being an exact name
-    (``scalars.rank0.0.arrows``, ``manifest.rank00.json``): a copy, never read."""
+    (``scalars.rank0.0.arrows``, ``layers.rank00.000000.parquet``,
+    ``manifest.rank00.json``): a copy, never read."""
     return bool(_LOOSE_RE.match(name)) and not (
         parse_segment_name(name) or parse_manifest_name(name) is not None
     )

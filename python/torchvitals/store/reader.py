@@ -16,6 +16,7 @@ one row per parameter (``rank = -1``) and keeps every other row per rank;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import warnings
@@ -28,14 +29,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from .compaction import parquet_row_groups, source_checksums, types_mismatch
 from .integrity import Damage, read_stream, with_checksum_flag
 from .layout import (
+    PARQUET,
+    STREAM,
     NotRegularFileError,
     looks_like_run_file,
     parse_manifest_name,
+    parse_segment_file,
     parse_segment_name,
     read_regular_file,
+    segment_name,
 )
 from .manifest_check import (
     MAX_MANIFEST_BYTES,
@@ -52,10 +59,13 @@ __all__ = [
     "ManifestError",
     "MergeFn",
     "Run",
+    "RunFile",
     "SchemaVersionError",
     "SegmentRecovery",
     "concat_ranks",
+    "list_run_files",
     "load_run",
+    "read_segment_file",
 ]
 
 
@@ -73,7 +83,7 @@ class SegmentRecovery:
     file: str  #: path of the segment
     table: str
     rank: int
-    batches: int  #: intact record batches recovered (and included in the run)
+    batches: int  #: intact record batches (Parquet: row groups) recovered and included
     rows: int  #: rows in those batches
     error: str  #: what stopped the reader first
     #: every part not read: ``Damage(offset, rows, error)``; ``rows`` is None when unknown
@@ -103,35 +113,43 @@ def _read_manifest(path: Path, rank: int) -> tuple[dict, list[str]]:
     return check_manifest(text, path, rank)
 
 
-def _types_match(table: str, schema: pa.Schema) -> str | None:
-    """Why an unverified segment's schema cannot be trusted, or None."""
-    expected = SCHEMAS[table]
-    for f in schema:
-        i = expected.get_field_index(f.name)
-        if i >= 0 and not f.type.equals(expected.field(i).type):
-            return f"column {f.name!r} has type {f.type}, expected {expected.field(i).type}"
-    return None
+def _not_read(path: Path, table: str, rank: int, exc: BaseException) -> tuple:
+    why = exc.strerror if isinstance(exc, NotRegularFileError) else f"{type(exc).__name__}: {exc}"
+    damage = (Damage(0, None, f"not read: {why}"),)
+    return empty_table(table), SegmentRecovery(str(path), table, rank, 0, 0, why, damage), ()
 
 
-def _read_segments(segments: list[tuple[str, int, int, Path]]) -> Iterator[tuple]:
-    """``_read_segment`` of each segment, in order. Segments are read on threads (pyarrow's
-    validation and the checksum release the GIL), at most two ahead of the caller so that
-    only a few segments are in memory at once."""
-    workers = min(len(segments), os.cpu_count() or 1, 4)
-    if workers <= 1:
-        yield from (_read_segment(file, table, rank) for table, rank, _seg, file in segments)
-        return
-    with ThreadPoolExecutor(workers, thread_name_prefix="torchvitals-reader") as pool:
-        ahead: deque[Future] = deque()
-        for table, rank, _seg, file in segments:
-            ahead.append(pool.submit(_read_segment, file, table, rank))
-            if len(ahead) > workers + 1:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
+def _assemble(
+    path: Path, table: str, rank: int, schema: pa.Schema | None, parts: list, damage: list
+) -> tuple[pa.Table, SegmentRecovery | None]:
+    """The rows kept of one segment (record batches or row groups), conformed, with its
+    damage: what :func:`read_segment_file` returns."""
+    table_data = empty_table(table)
+    if parts:
+        try:
+            if isinstance(parts[0], pa.RecordBatch):
+                joined = pa.Table.from_batches(parts, schema=schema)
+            else:
+                joined = pa.concat_tables(parts)
+            table_data = conform(table, joined)
+            for name in (*REQUIRED[table], "rank"):
+                if table_data.column(name).null_count:
+                    raise ValueError(f"required column {name!r} holds nulls")
+        except (ValueError, pa.ArrowException) as exc:
+            damage += [Damage(0, p.num_rows, f"{type(exc).__name__}: {exc}") for p in parts]
+            parts.clear()
+            table_data = empty_table(table)
+    if not damage:
+        return table_data, None
+    damage.sort(key=lambda d: d.offset)
+    units = len(parts)
+    rec = SegmentRecovery(
+        str(path), table, rank, units, table_data.num_rows, damage[0].error, tuple(damage)
+    )
+    return table_data, rec
 
 
-def _read_segment(
+def _read_stream_segment(
     path: Path, table: str, rank: int
 ) -> tuple[pa.Table, SegmentRecovery | None, tuple]:
     """Every intact record batch of one stream segment, conformed to the current schema;
@@ -139,11 +157,7 @@ def _read_segment(
     try:
         data = read_regular_file(path, MAX_SEGMENT_BYTES)
     except (OSError, ValueError) as exc:
-        why = (
-            exc.strerror if isinstance(exc, NotRegularFileError) else f"{type(exc).__name__}: {exc}"
-        )
-        damage = (Damage(0, None, f"not read: {why}"),)
-        return empty_table(table), SegmentRecovery(str(path), table, rank, 0, 0, why, damage), ()
+        return _not_read(path, table, rank, exc)
     contents = read_stream(data, with_checksum_flag(SCHEMAS[table]))
     damage = list(contents.damage)
     schema = contents.schema
@@ -158,34 +172,144 @@ def _read_segment(
         if named is not None and named != table.encode():
             why = f"the segment holds table {named.decode('utf-8', 'replace')!r}, not {table!r}"
         elif not contents.checksummed:
-            why = _types_match(table, schema)
+            why = types_mismatch(table, schema)
         if why is not None and batches:
             damage += [Damage(0, b.num_rows, why) for b in batches]
             batches = []
-    table_data = empty_table(table)
-    if batches:
-        try:
-            table_data = conform(table, pa.Table.from_batches(batches, schema=schema))
-            for name in (*REQUIRED[table], "rank"):
-                if table_data.column(name).null_count:
-                    raise ValueError(f"required column {name!r} holds nulls")
-        except (ValueError, pa.ArrowException) as exc:
-            damage += [Damage(0, b.num_rows, f"{type(exc).__name__}: {exc}") for b in batches]
-            batches = []
-            table_data = empty_table(table)
-    fingerprint = (table, rank, len(data), tuple(contents.checksums)) if batches else ()
-    if not damage:
-        return table_data, None, fingerprint
-    rec = SegmentRecovery(
-        str(path),
-        table,
-        rank,
-        len(batches),
-        table_data.num_rows if batches else 0,
-        damage[0].error,
-        tuple(damage),
-    )
+    table_data, rec = _assemble(path, table, rank, schema, batches, damage)
+    fingerprint = (table, rank, tuple(contents.checksums)) if table_data.num_rows else ()
     return table_data, rec, fingerprint
+
+
+def _read_parquet_segment(
+    path: Path, table: str, rank: int
+) -> tuple[pa.Table, SegmentRecovery | None, tuple]:
+    """Every intact row group of one compacted (Parquet) segment, like
+    :func:`_read_stream_segment`."""
+    try:
+        data = read_regular_file(path, MAX_SEGMENT_BYTES)
+    except (OSError, ValueError) as exc:
+        return _not_read(path, table, rank, exc)
+    parts, damage = [], []
+    for rows, hurt in parquet_row_groups(pa.BufferReader(data), table, str(path)):
+        if hurt is not None:
+            damage.append(hurt)
+        else:
+            parts.append(rows)
+    table_data, rec = _assemble(path, table, rank, None, parts, damage)
+    fingerprint = ()
+    if table_data.num_rows:
+        with contextlib.suppress(pa.ArrowException, OSError, ValueError):
+            sums = source_checksums(pq.read_metadata(pa.BufferReader(data)).metadata)
+            fingerprint = (table, rank, sums) if sums else ()
+    return table_data, rec, fingerprint
+
+
+def _read_one(path: Path, table: str, rank: int, fmt: str) -> tuple:
+    read = _read_parquet_segment if fmt == PARQUET else _read_stream_segment
+    return read(path, table, rank)
+
+
+def _read_segment(
+    table: str, rank: int, files: dict[str, Path]
+) -> tuple[Path, pa.Table, SegmentRecovery | None, tuple]:
+    """One segment number, present as a stream, a Parquet file, or both (a compaction
+    cut short, or under way): the Parquet file when it is intact, otherwise whichever of
+    the two holds more intact rows. Never both: no row is counted twice."""
+    if PARQUET in files:
+        path = files[PARQUET]
+        got = _read_parquet_segment(path, table, rank)
+        if got[1] is None or STREAM not in files:
+            return (path, *got)
+        other = _read_stream_segment(files[STREAM], table, rank)
+        if other[0].num_rows > got[0].num_rows:
+            return (files[STREAM], *other)
+        return (path, *got)
+    path = files[STREAM]
+    got = _read_stream_segment(path, table, rank)
+    if got[1] is not None and not got[0].num_rows and not os.path.lexists(path):
+        # compacted (and removed) by the live writer since the directory was listed
+        parquet = path.with_name(segment_name(table, rank, _seg_of(path), PARQUET))
+        if os.path.lexists(parquet):
+            return (parquet, *_read_parquet_segment(parquet, table, rank))
+    return (path, *got)
+
+
+def _seg_of(path: Path) -> int:
+    parsed = parse_segment_name(path.name)
+    return parsed[2] if parsed else 0
+
+
+def _read_segments(entries: list[tuple[str, int, int, dict[str, Path]]]) -> Iterator[tuple]:
+    """``_read_segment`` of each segment, in order. Segments are read on threads (pyarrow's
+    validation and the checksum release the GIL), at most two ahead of the caller so that
+    only a few segments are in memory at once."""
+    workers = min(len(entries), os.cpu_count() or 1, 4)
+    if workers <= 1:
+        yield from (_read_segment(table, rank, files) for table, rank, _seg, files in entries)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="torchvitals-reader") as pool:
+        ahead: deque[Future] = deque()
+        for table, rank, _seg, files in entries:
+            ahead.append(pool.submit(_read_segment, table, rank, files))
+            if len(ahead) > workers + 1:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """A file of a run directory, by its exact name (:func:`list_run_files`)."""
+
+    path: Path
+    kind: str  #: ``"manifest"`` or ``"segment"``
+    rank: int
+    table: str | None = None  #: segments only
+    seg: int | None = None  #: segments only
+    format: str | None = None  #: segments only: ``"arrows"`` (a stream) or ``"parquet"``
+
+
+def list_run_files(path: str | os.PathLike[str]) -> list[RunFile]:
+    """The manifests and segments of the run directory ``path``, exact names of known
+    tables only (copies such as ``scalars.rank0.0.arrows`` are left out), manifests
+    first (by rank), then segments by ``(table, rank, seg, format)``.
+
+    A segment number can be listed in both formats while its compaction is under way
+    (or after a crash in it): :func:`read_segment_file` either, but count one of them,
+    the ``.parquet`` when it reads without damage (what :func:`load_run` does)."""
+    root = Path(path)
+    manifests, segments = [], []
+    for name in os.listdir(root):
+        rank = parse_manifest_name(name)
+        if rank is not None:
+            manifests.append(RunFile(root / name, "manifest", rank))
+            continue
+        parsed = parse_segment_file(name)
+        if parsed is not None and parsed[0] in SCHEMAS:
+            table, rank, seg, fmt = parsed
+            segments.append(RunFile(root / name, "segment", rank, table, seg, fmt))
+    manifests.sort(key=lambda f: f.rank)
+    segments.sort(key=lambda f: (f.table, f.rank, f.seg, f.format))
+    return manifests + segments
+
+
+def read_segment_file(path: str | os.PathLike[str]) -> tuple[pa.Table, SegmentRecovery | None]:
+    """The rows of one segment file (a stream or a compacted Parquet file), every batch
+    or row group verified, conformed to the current schema; and its damage (``None``
+    when whole). The table and rank come from the file's exact name (``ValueError``
+    naming the file otherwise); damage is reported, never raised;
+    ``SchemaVersionError`` for a segment newer than this reader."""
+    file = Path(path)
+    parsed = parse_segment_file(file.name)
+    if parsed is None or parsed[0] not in SCHEMAS:
+        raise ValueError(
+            f"{file}: not a torchvitals segment name ({{table}}.rank{{R}}.{{seg:06d}}.arrows "
+            f"or .parquet, table one of {', '.join(SCHEMAS)})"
+        )
+    table, rank, _seg, fmt = parsed
+    data, rec, _fingerprint = _read_one(file, table, rank, fmt)
+    return data, rec
 
 
 class Run:
@@ -298,54 +422,13 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
     if not root.is_dir():
         raise NotADirectoryError(f"not a torchvitals run directory (not a directory): {root}")
     problems: list[str] = []
-    manifests: dict[int, dict] = {}
-    segments: list[tuple[str, int, int, Path]] = []
-    for name in sorted(os.listdir(root)):
-        entry = root / name
-        rank = parse_manifest_name(name)
-        if rank is not None:
-            manifest, found = _read_manifest(entry, rank)
-            manifests[rank] = manifest
-            for message in found:
-                _warn(problems, message)
-            continue
-        parsed = parse_segment_name(name)
-        if parsed is not None and parsed[0] in SCHEMAS:
-            segments.append((*parsed, entry))
-        elif looks_like_run_file(name):
-            _warn(
-                problems,
-                f"torchvitals: ignored {entry}: not an exact torchvitals file name (a copy or "
-                "a renamed file?); files are named manifest.rank{R}.json and "
-                "{table}.rank{R}.{seg:06d}.arrows",
-            )
-    if not manifests:
-        raise FileNotFoundError(f"not a torchvitals run directory (no manifest.rank*.json): {root}")
-
+    manifests, entries = run_files(root, problems)
     recovery: list[SegmentRecovery] = []
     parts: dict[str, dict[int, list[pa.Table]]] = {t: {} for t in SCHEMAS}
-    seen_files: dict[tuple[int, int], Path] = {}
     seen_content: dict[tuple, Path] = {}
     segment_rows: list[tuple[str, int, int, int]] = []  # table, rank, seg, rows read
-    to_read = []
-    for table, rank, seg, file in sorted(segments, key=lambda s: (s[0], s[1], s[2])):
-        try:
-            st = os.stat(file)
-            identity = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
-        except OSError:
-            identity = None
-        if identity is not None and identity in seen_files:
-            _warn(
-                problems,
-                f"torchvitals: refused {file}: it is the same file as {seen_files[identity]} "
-                "(a link); its rows are read once",
-            )
-            continue
-        if identity is not None:
-            seen_files[identity] = file
-        to_read.append((table, rank, seg, file))
-    for (table, rank, seg, file), (data, rec, fingerprint) in zip(
-        to_read, _read_segments(to_read), strict=True
+    for (table, rank, seg, _files), (file, data, rec, fingerprint) in zip(
+        entries, _read_segments(entries), strict=True
     ):
         if fingerprint and fingerprint in seen_content:
             _warn(
@@ -358,12 +441,7 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
             seen_content[fingerprint] = file
         if rec is not None:
             recovery.append(rec)
-            _warn(
-                problems,
-                f"torchvitals: segment {file} is truncated or corrupted ({rec.error}); "
-                f"recovered {rec.batches} complete record batch(es), {rec.rows} row(s); "
-                f"{rec.describe()}",
-            )
+            warn_damaged(problems, rec)
         parts[table].setdefault(rank, []).append(data)
         segment_rows.append((table, rank, seg, data.num_rows))
 
@@ -375,6 +453,70 @@ def load_run(path: str | os.PathLike[str], *, merge: MergeFn | None = None) -> R
     merge_fn = merge or merge_ranks
     tables = {t: merge_fn(t, per_rank[t], manifests) for t in SCHEMAS}
     return Run(root, manifests, tables, per_rank, recovery, problems)
+
+
+def warn_damaged(problems: list[str], rec: SegmentRecovery) -> None:
+    """Warn about (and list in ``problems``) a segment not read whole."""
+    units = "row group(s)" if rec.file.endswith("." + PARQUET) else "record batch(es)"
+    _warn(
+        problems,
+        f"torchvitals: segment {rec.file} is truncated or corrupted ({rec.error}); "
+        f"recovered {rec.batches} complete {units}, {rec.rows} row(s); {rec.describe()}",
+    )
+
+
+def run_files(
+    root: Path, problems: list[str]
+) -> tuple[dict[int, dict], list[tuple[str, int, int, dict[str, Path]]]]:
+    """The checked manifests of the run directory ``root`` and its segments to read,
+    ``(table, rank, seg, {format: path})`` in ``(table, rank, seg)`` order; files that
+    look like copies, and links to a segment already listed, are warned about and left
+    out. ``FileNotFoundError`` when there is no manifest."""
+    manifests: dict[int, dict] = {}
+    found: dict[tuple[str, int, int], dict[str, Path]] = {}
+    for name in sorted(os.listdir(root)):
+        entry = root / name
+        rank = parse_manifest_name(name)
+        if rank is not None:
+            manifest, messages = _read_manifest(entry, rank)
+            manifests[rank] = manifest
+            for message in messages:
+                _warn(problems, message)
+            continue
+        parsed = parse_segment_file(name)
+        if parsed is not None and parsed[0] in SCHEMAS:
+            found.setdefault(parsed[:3], {})[parsed[3]] = entry
+        elif looks_like_run_file(name):
+            _warn(
+                problems,
+                f"torchvitals: ignored {entry}: not an exact torchvitals file name (a copy or "
+                "a renamed file?); files are named manifest.rank{R}.json and "
+                "{table}.rank{R}.{seg:06d}.arrows (or .parquet)",
+            )
+    if not manifests:
+        raise FileNotFoundError(f"not a torchvitals run directory (no manifest.rank*.json): {root}")
+    seen_files: dict[tuple[int, int], Path] = {}
+    entries = []
+    for (table, rank, seg), files in sorted(found.items()):
+        for fmt, file in sorted(files.items(), key=lambda f: f[0] != PARQUET):
+            try:
+                st = os.stat(file)
+                identity = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+            except OSError:
+                identity = None
+            if identity is not None and identity in seen_files:
+                _warn(
+                    problems,
+                    f"torchvitals: refused {file}: it is the same file as "
+                    f"{seen_files[identity]} (a link); its rows are read once",
+                )
+                del files[fmt]
+                continue
+            if identity is not None:
+                seen_files[identity] = file
+        if files:
+            entries.append((table, rank, seg, files))
+    return manifests, entries
 
 
 def _check_counts(

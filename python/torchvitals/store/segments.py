@@ -11,16 +11,23 @@ plain ``write`` calls, so it is with the operating system as soon as ``write`` r
 file is cut to its last complete batch and closed, and the next write opens the next
 segment, so a segment never holds half a batch or a batch whose dictionaries are missing.
 Files are created exclusively, never through a link (:mod:`torchvitals.store.rundir`).
+
+A segment closed whole (rotated, or at :meth:`SegmentFiles.close_all`) is then compacted
+into a Parquet file that any engine scans lazily (:mod:`torchvitals.store.compaction`);
+the segment being written stays a stream. A compaction that fails leaves the stream as
+it is (warned about once; no data is lost, the reader reads either format).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 
 import pyarrow as pa
 
+from .compaction import compact
 from .integrity import Sealer, checksum_metadata, with_checksum_flag
 from .layout import parse_segment_name, segment_name, write_all
 from .rundir import RunDirectory
@@ -33,6 +40,9 @@ OnError = Callable[[BaseException, str], None]
 
 _BATCH_METADATA = checksum_metadata()
 _SCHEMAS = {t: with_checksum_flag(s) for t, s in SCHEMAS.items()}
+#: Whether closed segments are compacted into Parquet files when the caller does not say
+#: (``SegmentFiles(compact=None)``, as ``RunWriter`` constructs it).
+COMPACT = True
 #: How many taken names (a file or link already there) a new segment skips before failing.
 _NAME_ATTEMPTS = 16
 
@@ -133,8 +143,12 @@ class SegmentFiles:
         directory: RunDirectory | None = None,
         on_taken: OnError | None = None,
         compression: str | None = None,
+        compact: bool | None = None,
     ):
         self.path = path
+        #: convert each segment closed whole into a Parquet file (compaction.py)
+        self.compact = COMPACT if compact is None else compact
+        self._compact_warned = False
         # Each record batch's buffers are compressed on their own, so every flushed batch
         # still reads back after a crash; a reader needs nothing but pyarrow.
         self._options = pa.ipc.IpcWriteOptions(compression=compression)
@@ -243,22 +257,37 @@ class SegmentFiles:
                 continue
             if seg.size >= self.segment_bytes:
                 del self._open[table]  # the next write opens the next segment
-                try:
-                    seg.close()
-                except (OSError, pa.ArrowException) as exc:
-                    on_error(exc, seg.path)
-                self._done.append((table, seg.name, seg.identity, seg.rows))
+                self._close(table, seg, on_error)
 
     def close_all(self, on_error: OnError) -> None:
         """Close every open segment, writing its end-of-stream marker."""
         while self._open:  # on_error may abandon() the rest
             table = next(iter(self._open))
-            seg = self._open.pop(table)
-            try:
-                seg.close()
-            except (OSError, pa.ArrowException) as exc:
-                on_error(exc, seg.path)
+            self._close(table, self._open.pop(table), on_error)
+
+    def _close(self, table: str, seg: _Segment, on_error: OnError) -> None:
+        """Close a segment whole, then compact it into its Parquet file."""
+        try:
+            seg.close()
+        except (OSError, pa.ArrowException) as exc:
+            on_error(exc, seg.path)
             self._done.append((table, seg.name, seg.identity, seg.rows))
+            return
+        name, identity = seg.name, seg.identity
+        if self.compact and seg.rows and self.directory.fd is not None:
+            try:
+                name, identity = compact(self.directory.fd, seg.name, seg.identity)
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                if not self._compact_warned:
+                    self._compact_warned = True
+                    warnings.warn(
+                        f"torchvitals: could not compact {seg.path} into a Parquet file "
+                        f"({type(exc).__name__}: {exc}); it stays an Arrow stream, which "
+                        "load_run reads (further failures are not warned about)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+        self._done.append((table, name, identity, seg.rows))
 
     def abandon(self) -> None:
         """Close every file without writing more (after an I/O error: writing is over)."""

@@ -1,0 +1,235 @@
+"""Closed segments become Parquet files that any engine scans lazily, and their verified reading.
+
+A segment is written as an Arrow IPC *stream* (appended batch by batch: whatever was
+flushed survives a crash). Streams have no footer, so no engine can scan them lazily;
+once a segment is closed (rotated, or at ``close()``), :func:`compact` converts it, on
+the writer thread, into ``{table}.rank{R}.{seg:06d}.parquet``:
+
+- every batch of the stream is verified (``validate(full=True)`` and its checksum) while
+  it is converted, one batch at a time (the stream is memory-mapped): a damaged stream is
+  not converted and stays as it is;
+- zstd, row groups of about :data:`ROW_GROUP_BYTES` of data, each sorted by step (a stable
+  sort: the rows of one step keep their order), statistics on, so ``step``/``layer``
+  filters skip row groups; every page carries a CRC-32 (``write_page_checksum``) that the
+  reader verifies (``page_checksum_verification``); the footer's key-value metadata holds
+  the table, the schema version, the row count and the stream batches' checksums
+  (:data:`ROWS_KEY`, :data:`SOURCE_KEY`), which the reader checks against the file;
+- written to an exclusive temporary file in the run directory, ``fsync``ed, linked to its
+  name (never over an existing file or link), then the stream is removed. A failure at
+  any point (a full disk, a crash) leaves the stream segment intact; a crash between the
+  link and the removal leaves both, and the reader reads the Parquet file (complete,
+  since it was synced before it got its name) and never both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .integrity import Damage, verified_batches, with_checksum_flag
+from .layout import PARQUET, create_new, parse_segment_file, segment_name
+from .manifest_check import SchemaVersionError, newer_message
+from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform
+
+__all__ = [
+    "PARQUET_OPTIONS",
+    "ROWS_KEY",
+    "ROW_GROUP_BYTES",
+    "SOURCE_KEY",
+    "compact",
+    "parquet_row_groups",
+    "source_checksums",
+    "types_mismatch",
+]
+
+#: Uncompressed bytes of Arrow data per row group: large enough for good compression and
+#: few footer entries, small enough that a scan holds only a few in memory.
+ROW_GROUP_BYTES = 32 << 20
+#: How every compacted segment is written (pyarrow.parquet.ParquetWriter keywords).
+PARQUET_OPTIONS: dict = {
+    "compression": "zstd",
+    "use_dictionary": True,
+    "write_statistics": True,
+    "write_page_checksum": True,
+    "data_page_size": 1 << 20,
+}
+#: Footer key: rows in the file (checked against the row groups read).
+ROWS_KEY = b"torchvitals.rows"
+#: Footer key: the checksums of the stream batches the file was made from (24 hex
+#: digits each, space-separated): what tells a copied segment from another one.
+SOURCE_KEY = b"torchvitals.source_checksums"
+_TABLE_KEY = b"torchvitals.table"
+_VERSION_KEY = b"torchvitals.schema_version"
+
+
+def _sorted_by_step(parts: list[pa.Table]) -> pa.Table:
+    t = pa.concat_tables(parts)
+    order = pc.sort_indices(t, sort_keys=[("step", "ascending")])  # stable
+    return t.take(order)
+
+
+def _sync_dir(dir_fd: int) -> None:
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on a directory
+        os.fsync(dir_fd)
+
+
+def compact(
+    dir_fd: int, name: str, identity: tuple[int, int], row_group_bytes: int = ROW_GROUP_BYTES
+) -> tuple[str, tuple[int, int]]:
+    """Convert the closed stream segment ``name`` (in the directory ``dir_fd``, the file
+    with ``(st_dev, st_ino)`` ``identity``) into its Parquet file, and remove the stream.
+
+    Returns the Parquet file's name and identity. Raises (``OSError``, ``ValueError``,
+    ``pa.ArrowException``) with the stream left intact when anything fails."""
+    parsed = parse_segment_file(name)
+    if parsed is None or parsed[3] != "arrows" or parsed[0] not in SCHEMAS:
+        raise ValueError(f"{name}: not a stream segment of a known table")
+    table, rank, seg, _fmt = parsed
+    target = segment_name(table, rank, seg, PARQUET)
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
+    tmp = f".{target}.{secrets.token_hex(6)}.tmp"
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != identity:
+            raise ValueError(f"{name}: not the segment this writer closed")
+        if st.st_size == 0:
+            raise ValueError(f"{name}: empty")
+        out_fd = create_new(tmp, dir_fd=dir_fd)
+        # Not closed explicitly: decoded batches may still point into it; it is unmapped
+        # when the last of them goes.
+        data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        with os.fdopen(out_fd, "wb") as sink:
+            schema = with_checksum_flag(SCHEMAS[table])
+            writer = pq.ParquetWriter(sink, schema, **PARQUET_OPTIONS)
+            rows = 0
+            sums: list[bytes] = []
+            parts: list[pa.Table] = []
+            size = 0
+            try:
+                for batch, checksum in verified_batches(data):
+                    part = conform(table, batch)
+                    parts.append(part)
+                    size += part.nbytes
+                    rows += part.num_rows
+                    sums.append(b"%024x" % checksum)
+                    if size >= row_group_bytes:
+                        group = _sorted_by_step(parts)
+                        writer.write_table(group, row_group_size=group.num_rows)
+                        parts, size = [], 0
+                if parts:
+                    group = _sorted_by_step(parts)
+                    writer.write_table(group, row_group_size=group.num_rows)
+                writer.add_key_value_metadata(
+                    {ROWS_KEY: str(rows).encode(), SOURCE_KEY: b" ".join(sums)}
+                )
+            finally:
+                writer.close()
+            sink.flush()
+            os.fsync(sink.fileno())
+        # A link, unlike a rename, never replaces what is at the name (a file, a link).
+        os.link(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(fd)
+    done = os.stat(tmp, dir_fd=dir_fd, follow_symlinks=False)
+    # From here on the Parquet file is complete: a failure to tidy up leaves the stream
+    # beside it, which the reader ignores.
+    with contextlib.suppress(OSError):
+        os.unlink(tmp, dir_fd=dir_fd)
+        _sync_dir(dir_fd)
+        now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == identity:  # still the file this writer wrote
+            os.unlink(name, dir_fd=dir_fd)
+            _sync_dir(dir_fd)
+    return target, (done.st_dev, done.st_ino)
+
+
+def source_checksums(metadata: dict | None) -> tuple[int, ...]:
+    """The stream batches' checksums a Parquet file's footer lists (empty when absent)."""
+    text = (metadata or {}).get(SOURCE_KEY, b"")
+    try:
+        return tuple(int(x, 16) for x in text.split())
+    except ValueError:
+        return ()
+
+
+def types_mismatch(table: str, schema: pa.Schema) -> str | None:
+    """Why columns of ``schema`` cannot be ``table``'s (another type), or None."""
+    expected = SCHEMAS[table]
+    for f in schema:
+        i = expected.get_field_index(f.name)
+        if i >= 0 and not f.type.equals(expected.field(i).type):
+            return f"column {f.name!r} has type {f.type}, expected {expected.field(i).type}"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def parquet_row_groups(
+    source, table: str, path: str, columns: list[str] | None = None
+) -> Iterator[tuple[pa.Table | None, Damage | None]]:
+    """Each row group of the Parquet segment ``source`` (a file object or a buffer) as
+    ``(rows, None)``, verified, conformed to the current schema of ``table`` (or to
+    ``columns`` of it), or ``(None, Damage)`` when it is damaged; one ``(None, Damage)``
+    for a file whose footer cannot be read or trusted.
+
+    Verified: every page's CRC-32, ``validate(full=True)``, the column types, the
+    required columns non-null, and the row count against the footer's
+    (:data:`ROWS_KEY`). ``SchemaVersionError`` (naming ``path``) for a newer version."""
+    try:
+        pf = pq.ParquetFile(source, page_checksum_verification=True)
+        meta = pf.metadata.metadata or {}
+        version = meta.get(_VERSION_KEY, b"")
+        if version.isdigit() and int(version) > SCHEMA_VERSION:
+            raise SchemaVersionError(newer_message(path, int(version)))
+        named = meta.get(_TABLE_KEY)
+        if named != table.encode():
+            shown = "none" if named is None else repr(named.decode("utf-8", "replace"))
+            raise ValueError(f"the file names table {shown}, not {table!r}")
+        rows = meta.get(ROWS_KEY, b"")
+        if not rows.isdigit() or int(rows) != pf.metadata.num_rows:
+            raise ValueError(
+                f"the footer holds {pf.metadata.num_rows} row(s), its {ROWS_KEY.decode()} "
+                f"says {rows.decode('ascii', 'replace')!r}"
+            )
+        why = types_mismatch(table, pf.schema_arrow)
+        if why is not None:
+            raise ValueError(why)
+        groups = [pf.metadata.row_group(i) for i in range(pf.metadata.num_row_groups)]
+    except SchemaVersionError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
+        yield None, Damage(0, None, f"no readable Parquet footer: {_describe(exc)}")
+        return
+    wanted = columns
+    for i, group in enumerate(groups):
+        offset = group.column(0).file_offset if group.num_columns else 0
+        try:
+            rows_read = pf.read_row_group(i, columns=wanted)
+            if rows_read.num_rows != group.num_rows:
+                raise ValueError(
+                    f"{rows_read.num_rows} row(s) read, the footer says {group.num_rows}"
+                )
+            rows_read.validate(full=True)
+            if wanted is None:
+                rows_read = conform(table, rows_read)
+            for name in (*REQUIRED[table], "rank"):
+                if name in rows_read.column_names and rows_read.column(name).null_count:
+                    raise ValueError(f"required column {name!r} holds nulls")
+        except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
+            yield None, Damage(offset, group.num_rows, f"row group {i} skipped: {_describe(exc)}")
+            continue
+        yield rows_read, None
