@@ -1,4 +1,10 @@
-"""``torchvitals``: report, events, pre-flight checks and demo from the command line."""
+"""``torchvitals``: report, events, compare, export, pre-flight checks and demo from the
+command line.
+
+Bad input never ends in a traceback: a path that is not a run, a run with no data yet, a
+missing scalar or package is one line on stderr naming the file or argument, and exit
+status 2; what ``load_run`` recovered around damage, or a run not closed yet, is reported
+as it is, with one ``note:`` line per problem on stderr."""
 
 from __future__ import annotations
 
@@ -6,16 +12,51 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 
-def _load(path: str):
+class InputError(ValueError):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def note(command: str, message: str) -> None:
+    """One line on stderr about what was read (damage recovered around, a run not closed)."""
+    print(f"torchvitals {command}: note: {message}", file=sys.stderr)
+
+
+def _load(path: str, command: str = "report"):
+    """``load_run(path)`` with each warning it gives as one ``note:`` line on stderr."""
     from torchvitals.store.reader import load_run
 
-    return load_run(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = load_run(path)
+    for w in caught:
+        note(command, str(w.message).removeprefix("torchvitals: "))
+    if not run.closed:
+        note(
+            command,
+            f"{path} is not closed (still being written, or its process died): "
+            "showing what is on disk",
+        )
+    return run
+
+
+def _arrays(run, metric: str):
+    """``series_from_run(run, metric)``; a run without data, or without ``metric``, is an
+    ``InputError`` naming the run directory."""
+    from torchvitals.analysis.runtables import series_from_run
+
+    if run.scalars.num_rows == 0:
+        raise InputError(f"{run.path}: no data recorded yet (no scalar rows in any segment)")
+    try:
+        return series_from_run(run, metric)
+    except ValueError as exc:
+        raise InputError(f"{run.path}: {exc}") from None
 
 
 def _detect(arrays, args):
@@ -37,14 +78,13 @@ def _detect(arrays, args):
 def _analyse_and_report(
     run, args, console: Console, out: Path, *, show_preflight: bool = True
 ) -> list:
-    from torchvitals.analysis.runtables import series_from_run
     from torchvitals.preflight.report import PreflightReport
     from torchvitals.report.html import write_report
     from torchvitals.report.terminal import print_summary
 
     with _progress(console) as bar:
         task = bar.add_task("detecting events", total=None)
-        arrays = series_from_run(run, getattr(args, "metric", "loss"))
+        arrays = _arrays(run, getattr(args, "metric", "loss"))
         events = _detect(arrays, args)
         bar.update(task, description="writing report")
         write_report(
@@ -70,16 +110,21 @@ def _progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         console=console,
         transient=True,
+        disable=not console.is_interactive,  # a pipe or a file gets no blank lines
     )
 
 
-def _load_with_progress(path: str, console: Console):
+def _load_with_progress(path: str, console: Console, command: str = "report"):
     with _progress(console) as bar:
         bar.add_task(f"reading {path}", total=None)
-        return _load(path)
+        return _load(path, command)
 
 
 def cmd_report(args) -> int:
+    if args.watch:
+        from torchvitals.report.watch import watch
+
+        return watch(args)
     console = Console()
     run = _load_with_progress(args.run, console)
     out = Path(args.out) if args.out else Path(args.run) / "report.html"
@@ -88,20 +133,59 @@ def cmd_report(args) -> int:
 
 
 def cmd_events(args) -> int:
-    from torchvitals.analysis.runtables import series_from_run
-
     # Progress on stderr: stdout carries the events (or their JSON) only.
     status = Console(stderr=True)
-    run = _load_with_progress(args.run, status)
+    run = _load_with_progress(args.run, status, "events")
     with _progress(status) as bar:
         bar.add_task("detecting events", total=None)
-        events = _detect(series_from_run(run, getattr(args, "metric", "loss")), args)
+        events = _detect(_arrays(run, getattr(args, "metric", "loss")), args)
     if args.json:
         json.dump([e.to_dict() for e in events], sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         for event in events:
             print(event)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from torchvitals.analysis.compare import RunData, compare
+    from torchvitals.report.compare_page import print_comparison, write_compare_page
+
+    if len(args.runs) < 2:
+        raise InputError(f"needs at least two run directories, got {len(args.runs)}")
+    console = Console()
+    runs = []
+    for path in args.runs:
+        run = _load_with_progress(path, console, "compare")
+        with _progress(console) as bar:
+            bar.add_task(f"detecting events in {path}", total=None)
+            arrays = _arrays(run, args.metric)
+            runs.append(RunData.from_arrays(path, arrays, _detect(arrays, args)))
+    comparison = compare(runs, args.metric)
+    with _progress(console) as bar:
+        bar.add_task("writing the comparison page", total=None)
+        out = write_compare_page(comparison, runs, args.runs, args.out)
+    print_comparison(comparison, runs, args.runs, console)
+    console.print(f"comparison: [bold]{out}[/bold]")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from torchvitals.integrations.tensorboard_export import export_tensorboard
+
+    console = Console()
+    run = _load_with_progress(args.run, console, "export")
+    if all(t.num_rows == 0 for t in run.tables.values()):
+        raise InputError(f"{run.path}: no data recorded yet (no rows in any segment)")
+    with _progress(console) as bar:
+        bar.add_task(f"writing TensorBoard event files to {args.logdir}", total=None)
+        written = export_tensorboard(run, args.logdir)
+    for where, counts in written.items():
+        console.print(
+            f"{where}: {counts['scalars']} scalar values, {counts['histograms']} histograms"
+        )
+    console.print(f"view with: tensorboard --logdir {args.logdir}")
     return 0
 
 
@@ -155,8 +239,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-#: Packages some commands need, and the extra that installs them.
-OPTIONAL = {"matplotlib": "report"}
+#: Packages some commands need, and the extra that installs them (None: the package itself).
+OPTIONAL = {"matplotlib": "report", "tensorboard": None}
 
 
 def _version() -> str:
@@ -183,7 +267,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-v", "--verbose", action="store_true", help="every event's full cause and attribution"
     )
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="re-render as the run grows (reads only what is new) until it closes or Ctrl-C",
+    )
+    p.add_argument(
+        "--interval", type=float, default=5.0, help="seconds between --watch refreshes (5)"
+    )
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "compare",
+        help="compare runs: curves by step, where they part, the layers that differ most, events",
+    )
+    p.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directories; the first is the baseline"
+    )
+    p.add_argument("--higher-is-better", action="store_true", help="the metric is an accuracy")
+    p.add_argument("--metric", default="loss", help="logged scalar to compare (val/loss...)")
+    p.add_argument("--num-classes", type=int, default=None, help="checks the initial loss")
+    p.add_argument("--out", default="compare.html", help="the HTML page (default compare.html)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("export", help="export a run to another tool's format")
+    formats = p.add_subparsers(dest="format", required=True)
+    q = formats.add_parser(
+        "tensorboard",
+        help="scalars, per-layer statistics and histograms as TensorBoard event files",
+    )
+    q.add_argument("run", help="run directory written by torchvitals.Monitor")
+    q.add_argument("logdir", help="TensorBoard log directory to write (one sub-directory per rank)")
+    q.set_defaults(func=cmd_export)
 
     p = sub.add_parser("events", help="list the detected events")
     analysis_options(p)
@@ -220,21 +335,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = " ".join(filter(None, (args.command, getattr(args, "format", None))))
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"torchvitals {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"torchvitals {command}: interrupted", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as exc:
-        extra = OPTIONAL.get((exc.name or "").partition(".")[0])
-        if extra is None:
+        package = (exc.name or "").partition(".")[0]
+        if package not in OPTIONAL:
             raise
+        extra = OPTIONAL[package]
+        install = f'"torchvitals[{extra}]"' if extra else package
         print(
-            f"torchvitals {args.command}: needs {exc.name}, which is not installed: "
-            f'pip install "torchvitals[{extra}]"',
+            f"torchvitals {command}: needs {package}, which is not installed: "
+            f"pip install {install}",
             file=sys.stderr,
         )
         return 2
+    except (OSError, ValueError) as exc:  # FileNotFoundError, ManifestError, InputError...
+        print(f"torchvitals {command}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text += f": {exc.filename}"
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":
