@@ -37,7 +37,7 @@ from .context import CurveContext
 from .divergence import level_divergence
 from .events import Event
 from .excursions import find_excursions
-from .improvements import find_improvements
+from .improvements import find_improvements, merge_continuing
 from .lrchanges import lr_events
 from .plateaus import find_plateaus
 from .series import COARSE_POINTS, block_bounds, block_reduce, diff_noise, fill_nan, fit_scale
@@ -96,11 +96,12 @@ def analyse_curve(step, x, lr=None, higher_is_better=False, metric="loss"):
         exc = [e for e in exc if e.step < div.step]
         events.append(div)
     events.extend(exc)
+    plateaus = find_plateaus(ctx, imps, metric, {id(e): end for e, _, _, end in imps})
+    imps = merge_continuing(imps, plateaus, scale.kind != "asinh")
     lrs = lr_events(step, y, index, lr, scale, metric) if lr is not None else []
     kept = _merge_lr(lrs, [t[0] for t in imps], step)
     events.extend(lrs)
     events.extend(e for e in (t[0] for t in imps) if id(e) in kept)
-    plateaus = find_plateaus(ctx, imps, metric, {id(e): end for e, _, _, end in imps})
     events.extend(plateaus)
     return events, ctx
 

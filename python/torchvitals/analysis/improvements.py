@@ -200,3 +200,35 @@ def find_improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, c
         )
     out.sort(key=lambda t: t[1])
     return out
+
+
+def merge_continuing(imps, plateaus: list[Event], has_ratio: bool):
+    """One event per phenomenon: a kick-in that follows another with no plateau between
+    them (:func:`~torchvitals.analysis.plateaus.find_plateaus` found none before it) is
+    the same fall going on after a pause: it is folded into the first, whose end and size
+    take it in. A kick-in after a plateau stays a kick-in of its own."""
+    after_plateau = {p.evidence["followed_by_step"] for p in plateaus}
+    merged: list[tuple[Event, int, float, int]] = []
+    for item in imps:
+        ev, _, eff, end = item
+        if merged:
+            prev, p_on, p_eff, p_end = merged[-1]
+            if prev.kind == ev.kind == "kick_in" and float(ev.step) not in after_plateau:
+                tot = p_eff + eff
+                e = prev.evidence
+                e["log_drop"] = tot
+                e["level_after"] = ev.evidence["level_after"]
+                e["ratio"] = float(math.exp(-tot)) if has_ratio else float("nan")
+                e["z"] = max(e["z"], ev.evidence["z"])
+                e["stages"] = e.get("stages", 1.0) + 1.0
+                e["continued_step"] = float(ev.step)
+                why = prev.cause.split(") ", 1)[1]
+                prev.cause = (
+                    f"sudden sustained improvement of {prev.metric} (x{e['ratio']:.3g}, "
+                    f"continuing after a pause at step {ev.step}) {why}"
+                )
+                prev.end_step = max(prev.end_step, ev.end_step)
+                merged[-1] = (prev, p_on, tot, max(p_end, end))
+                continue
+        merged.append(item)
+    return merged

@@ -6,6 +6,8 @@ as the transition, and is at least ``max(5, n/10)`` coarse points long.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .context import CurveContext
@@ -23,8 +25,11 @@ def find_plateaus(ctx: CurveContext, imps, metric: str, ev_end):
     m = c.size
     if m < 8:
         return []
-    c_sm = rolling_median(c, 3)
+    # smoothed over a quarter window: one noisy point must not end a plateau on a long curve
+    width = max(3, (ctx.window // 4) | 1)
+    c_sm = rolling_median(c, width)
     sig_c = diff_noise(c)
+    sig_sm = sig_c / math.sqrt(width)
     min_len = max(5, round(m / 10))
     events = []
     prev_end = 0
@@ -33,7 +38,8 @@ def find_plateaus(ctx: CurveContext, imps, metric: str, ev_end):
         if k <= prev_end:
             prev_end = on
             continue
-        level = c_sm[k]
+        # the level just before the knee: a median, the knee point itself may be noise
+        level = float(np.median(c[max(prev_end, k - ctx.window // 2) : k + 1]))
         # depth of the improvement shortly after (a slow kick-in goes much further than
         # the window-scale drop)
         depth = max(eff, level - float(np.min(c_sm[on : min(m, on + 4 * ctx.window + 1)])))
@@ -45,7 +51,9 @@ def find_plateaus(ctx: CurveContext, imps, metric: str, ev_end):
         j = k
         while j - 1 >= prev_end and abs(c_sm[j - 1] - level) <= band:
             a = max(0, j - 1 - lw)
-            if (c_sm[a] - c_sm[j - 1]) / max(1, j - 1 - a) > PLATEAU_PACE * pace:
+            # a fall faster than a fifth of the transition's pace, beyond what the noise
+            # of two smoothed points can make
+            if c_sm[a] - c_sm[j - 1] > PLATEAU_PACE * pace * max(1, j - 1 - a) + 2 * sig_sm:
                 break
             j -= 1
         if k - j + 1 >= min_len:
