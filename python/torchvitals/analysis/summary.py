@@ -7,7 +7,10 @@ both render these and compute nothing of their own.
 * :func:`worst_layers`: layers ranked by how unhealthy they look anywhere in the run, with
   the columns :data:`WORST_COLUMNS`;
 * :func:`histogram_layers`: the layers whose histogram evolution is worth plotting;
-* :func:`histogram_matrix`: one layer's histogram over steps, from the run's ``hist`` table.
+* :func:`histogram_matrix`: one layer's histogram over steps, from the run's ``hist`` table;
+  :func:`histogram_series`: every layer's, in one pass (signed where ``neg_counts`` is recorded);
+* :func:`featured_layers`: the layers named by events and the worst layers;
+* :func:`layer_groups`: layers grouped by module path (``blocks.7.*`` -> ``blocks.7``).
 
 ``series`` is the dict of ``series_from_run`` (:mod:`torchvitals.analysis.runtables`).
 """
@@ -16,13 +19,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from torchvitals.store.schema import dictionary_codes
+
 from .events import Event
+from .runtables import _one_rank
 
 if TYPE_CHECKING:
     from torchvitals.store.reader import Run
@@ -30,10 +37,14 @@ if TYPE_CHECKING:
 __all__ = [
     "EVENT_COLUMNS",
     "WORST_COLUMNS",
+    "HistogramSeries",
     "attribution_text",
     "event_rows",
+    "featured_layers",
     "histogram_layers",
     "histogram_matrix",
+    "histogram_series",
+    "layer_groups",
     "worst_layers",
 ]
 
@@ -194,7 +205,84 @@ def histogram_matrix(run: Run, layer: str, kind: str) -> tuple[np.ndarray, np.nd
     if rows.num_rows == 0:
         return None
     rows = rows.filter(pc.equal(rows["rank"], pc.min(rows["rank"])))  # merged rows (-1) first
-    flat = rows["counts"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    counts = flat.reshape(rows.num_rows, -1).astype(np.float64).T  # [bins, steps]
-    steps = rows["step"].to_numpy()
-    return steps, counts
+    counts, _ = _list_rows(rows["counts"])
+    return rows["step"].to_numpy(), counts.T  # [bins, steps]
+
+
+def _list_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of equal-length rows as a float64 ``[rows, bins]`` matrix (NaN rows
+    where null) and the mask of its non-null rows."""
+    col = column.combine_chunks()
+    valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    flat = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
+    width = flat.size // max(int(valid.sum()), 1)
+    out = np.full((len(col), width), np.nan)
+    out[valid] = flat.reshape(-1, width)
+    return out, valid
+
+
+@dataclass(frozen=True)
+class HistogramSeries:
+    """One (layer, kind) histogram over steps: ``counts[bin, j]`` elements in bin ``bin`` of
+    :func:`torchvitals.hist_edges` at ``steps[j]``; ``neg[bin, j]`` of them negative, where
+    the run records ``neg_counts`` (``None`` when it does not, or some row lacks it)."""
+
+    steps: np.ndarray
+    counts: np.ndarray
+    neg: np.ndarray | None = None
+
+
+def histogram_series(run: Run) -> dict[tuple[str, str], HistogramSeries]:
+    """Every ``(layer, kind)`` histogram of ``run.hist``, read in one pass (as
+    :func:`histogram_matrix` reads one), in the order the pairs first appear."""
+    table = getattr(run, "hist", None)
+    if table is None or table.num_rows == 0:
+        return {}
+    lcodes, lnames = dictionary_codes(table.column("layer"))
+    kcodes, knames = dictionary_codes(table.column("kind"))
+    keep = np.flatnonzero(_one_rank(table, lcodes, kcodes))  # merged rows (-1) win
+    counts, _ = _list_rows(table["counts"])
+    neg, neg_valid = (
+        _list_rows(table["neg_counts"]) if "neg_counts" in table.column_names else (None, None)
+    )
+    steps = table["step"].to_numpy()
+    key = lcodes.astype(np.int64) * len(knames) + kcodes
+    rows = keep[np.argsort(key[keep], kind="stable")]  # stable: stored (step) order kept
+    bounds = np.flatnonzero(np.diff(key[rows])) + 1
+    found = {}
+    for part in np.split(rows, bounds):
+        if not part.size:
+            continue
+        k = int(key[part[0]])
+        signed = neg is not None and bool(neg_valid[part].all())
+        found[(part.min(), k)] = (
+            (lnames[k // len(knames)], knames[k % len(knames)]),
+            HistogramSeries(steps[part], counts[part].T, neg[part].T if signed else None),
+        )
+    return dict(found[i] for i in sorted(found))
+
+
+def featured_layers(
+    worst: Sequence[dict[str, object]], events: Sequence[Event], first: Sequence[str] = ()
+) -> list[str]:
+    """``first``, then the layers the events name (their layer, then their attributed
+    layers), then the worst layers (rows of :func:`worst_layers`), each once."""
+    names = list(first)
+    for ev in events:
+        names += [ev.layer] if ev.layer else []
+        names += [a for a, *_ in ev.layers if a != "*"]
+    names += [str(row["layer"]) for row in worst]
+    return list(dict.fromkeys(names))
+
+
+def layer_groups(names: Sequence[str]) -> dict[str, list[str]]:
+    """``names`` grouped by module path, in order of first appearance: a name's group is its
+    path up to its first numbered part (``blocks.7.attn.qkv.weight`` -> ``blocks.7``,
+    ``0.weight`` -> ``0``), or its first part where none is numbered (``head.bias`` ->
+    ``head``)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), 0)
+        groups.setdefault(".".join(parts[: cut + 1]), []).append(name)
+    return groups
