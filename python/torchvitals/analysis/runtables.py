@@ -24,9 +24,16 @@ scalar the user logged, e.g. ``"val/loss"``); every series is aligned on its ste
 Everything is aligned on the steps of the ``loss`` scalar (missing values are NaN). Only
 the lowest rank present is used, per series (so rows merged across
 ranks, rank -1, win).
+
+``run`` is a loaded ``Run``, or a run directory (a path) or a
+:class:`torchvitals.store.scan.RunScan`: then the layers are streamed in step chunks
+(bounded memory, :func:`torchvitals.store.scan.scan_run`) and only the rows the series use
+are kept; the result is the same.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -89,7 +96,13 @@ def layer_order(run, names) -> list[str]:
     return [n for _, n in sorted(enumerate(names), key=key)]
 
 
-def series_from_run(run, metric: str = "loss"):
+def series_from_run(run, metric: str = "loss", progress=None):
+    """``(step, loss, lr, series)`` of ``run`` (see the module docstring). ``progress``:
+    ``progress(done, total)`` while a scanned run's layers are read."""
+    if isinstance(run, (str, os.PathLike)):
+        from torchvitals.store.scan import scan_run
+
+        run = scan_run(run)
     scalars = getattr(run, "scalars", None)
     if scalars is None:
         raise ValueError("run: expected an object with a pyarrow Table attribute 'scalars'")
@@ -121,7 +134,10 @@ def series_from_run(run, metric: str = "loss"):
     for name in ("grad_norm", "loss_scale"):
         if name in by_name:
             series[name] = _align(steps_all, *by_name[name])
-    layers = getattr(run, "layers", None)
+    if hasattr(run, "series_rows"):  # a scanned run: only the rows the series use
+        layers = run.series_rows(progress)
+    else:
+        layers = getattr(run, "layers", None)
     if layers is not None and layers.num_rows:
         layer_part = _layer_series(layers, steps_all)
         names = list(dict.fromkeys(k.partition("/")[2] for k in layer_part))

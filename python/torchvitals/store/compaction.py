@@ -44,7 +44,9 @@ __all__ = [
     "ROW_GROUP_BYTES",
     "SOURCE_KEY",
     "compact",
+    "open_parquet",
     "parquet_row_groups",
+    "read_row_group",
     "source_checksums",
     "types_mismatch",
 ]
@@ -81,7 +83,7 @@ def _sync_dir(dir_fd: int) -> None:
 
 
 def compact(
-    dir_fd: int, name: str, identity: tuple[int, int], row_group_bytes: int = ROW_GROUP_BYTES
+    dir_fd: int, name: str, identity: tuple[int, int], row_group_bytes: int | None = None
 ) -> tuple[str, tuple[int, int]]:
     """Convert the closed stream segment ``name`` (in the directory ``dir_fd``, the file
     with ``(st_dev, st_ino)`` ``identity``) into its Parquet file, and remove the stream.
@@ -92,6 +94,7 @@ def compact(
     if parsed is None or parsed[3] != "arrows" or parsed[0] not in SCHEMAS:
         raise ValueError(f"{name}: not a stream segment of a known table")
     table, rank, seg, _fmt = parsed
+    row_group_bytes = ROW_GROUP_BYTES if row_group_bytes is None else row_group_bytes
     target = segment_name(table, rank, seg, PARQUET)
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
     tmp = f".{target}.{secrets.token_hex(6)}.tmp"
@@ -190,46 +193,57 @@ def parquet_row_groups(
     required columns non-null, and the row count against the footer's
     (:data:`ROWS_KEY`). ``SchemaVersionError`` (naming ``path``) for a newer version."""
     try:
-        pf = pq.ParquetFile(source, page_checksum_verification=True)
-        meta = pf.metadata.metadata or {}
-        version = meta.get(_VERSION_KEY, b"")
-        if version.isdigit() and int(version) > SCHEMA_VERSION:
-            raise SchemaVersionError(newer_message(path, int(version)))
-        named = meta.get(_TABLE_KEY)
-        if named != table.encode():
-            shown = "none" if named is None else repr(named.decode("utf-8", "replace"))
-            raise ValueError(f"the file names table {shown}, not {table!r}")
-        rows = meta.get(ROWS_KEY, b"")
-        if not rows.isdigit() or int(rows) != pf.metadata.num_rows:
-            raise ValueError(
-                f"the footer holds {pf.metadata.num_rows} row(s), its {ROWS_KEY.decode()} "
-                f"says {rows.decode('ascii', 'replace')!r}"
-            )
-        why = types_mismatch(table, pf.schema_arrow)
-        if why is not None:
-            raise ValueError(why)
-        groups = [pf.metadata.row_group(i) for i in range(pf.metadata.num_row_groups)]
+        pf = open_parquet(source, table, path)
+        groups = range(pf.metadata.num_row_groups)
     except SchemaVersionError:
         raise
     except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
         yield None, Damage(0, None, f"no readable Parquet footer: {_describe(exc)}")
         return
-    wanted = columns
-    for i, group in enumerate(groups):
-        offset = group.column(0).file_offset if group.num_columns else 0
-        try:
-            rows_read = pf.read_row_group(i, columns=wanted)
-            if rows_read.num_rows != group.num_rows:
-                raise ValueError(
-                    f"{rows_read.num_rows} row(s) read, the footer says {group.num_rows}"
-                )
-            rows_read.validate(full=True)
-            if wanted is None:
-                rows_read = conform(table, rows_read)
-            for name in (*REQUIRED[table], "rank"):
-                if name in rows_read.column_names and rows_read.column(name).null_count:
-                    raise ValueError(f"required column {name!r} holds nulls")
-        except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
-            yield None, Damage(offset, group.num_rows, f"row group {i} skipped: {_describe(exc)}")
-            continue
-        yield rows_read, None
+    for i in range(len(groups)):
+        yield read_row_group(pf, i, table, columns)
+
+
+def open_parquet(source, table: str, path: str) -> pq.ParquetFile:
+    """The Parquet segment ``source``, its footer checked against ``table`` (ValueError
+    or an Arrow error when it cannot be trusted; ``SchemaVersionError`` when newer)."""
+    pf = pq.ParquetFile(source, page_checksum_verification=True)
+    meta = pf.metadata.metadata or {}
+    version = meta.get(_VERSION_KEY, b"")
+    if version.isdigit() and int(version) > SCHEMA_VERSION:
+        raise SchemaVersionError(newer_message(path, int(version)))
+    named = meta.get(_TABLE_KEY)
+    if named != table.encode():
+        shown = "none" if named is None else repr(named.decode("utf-8", "replace"))
+        raise ValueError(f"the file names table {shown}, not {table!r}")
+    rows = meta.get(ROWS_KEY, b"")
+    if not rows.isdigit() or int(rows) != pf.metadata.num_rows:
+        raise ValueError(
+            f"the footer holds {pf.metadata.num_rows} row(s), its {ROWS_KEY.decode()} "
+            f"says {rows.decode('ascii', 'replace')!r}"
+        )
+    why = types_mismatch(table, pf.schema_arrow)
+    if why is not None:
+        raise ValueError(why)
+    return pf
+
+
+def read_row_group(
+    pf: pq.ParquetFile, i: int, table: str, columns: list[str] | None = None
+) -> tuple[pa.Table | None, Damage | None]:
+    """Row group ``i`` of an opened segment, verified (see :func:`parquet_row_groups`)."""
+    group = pf.metadata.row_group(i)
+    offset = group.column(0).file_offset if group.num_columns else 0
+    try:
+        rows_read = pf.read_row_group(i, columns=columns)
+        if rows_read.num_rows != group.num_rows:
+            raise ValueError(f"{rows_read.num_rows} row(s) read, the footer says {group.num_rows}")
+        rows_read.validate(full=True)
+        if columns is None:
+            rows_read = conform(table, rows_read)
+        for name in (*REQUIRED[table], "rank"):
+            if name in rows_read.column_names and rows_read.column(name).null_count:
+                raise ValueError(f"required column {name!r} holds nulls")
+    except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
+        return None, Damage(offset, group.num_rows, f"row group {i} skipped: {_describe(exc)}")
+    return rows_read, None
