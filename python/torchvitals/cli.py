@@ -175,7 +175,7 @@ def cmd_export(args) -> int:
     from torchvitals.integrations.tensorboard_export import export_tensorboard
 
     console = Console()
-    run = _load_with_progress(args.run, console, "export")
+    run = _load_with_progress(args.run, console, "export tensorboard")
     if all(t.num_rows == 0 for t in run.tables.values()):
         raise InputError(f"{run.path}: no data recorded yet (no rows in any segment)")
     with _progress(console) as bar:
