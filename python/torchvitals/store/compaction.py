@@ -29,11 +29,12 @@ import os
 import secrets
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .integrity import Damage, verified_batches, with_checksum_flag
+from .integrity import Damage, nh64, verified_batches, with_checksum_flag
 from .layout import PARQUET, create_new, parse_segment_file, segment_name
 from .manifest_check import SchemaVersionError, newer_message
 from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform
@@ -67,8 +68,41 @@ ROWS_KEY = b"torchvitals.rows"
 #: Footer key: the checksums of the stream batches the file was made from (24 hex
 #: digits each, space-separated): what tells a copied segment from another one.
 SOURCE_KEY = b"torchvitals.source_checksums"
+#: Footer key: per row group (";"-separated), per column (","-separated), the nh64 of
+#: the column's decoded values (:func:`column_digest`): what catches a damaged footer,
+#: which Parquet's page checksums do not cover.
+COLUMNS_KEY = b"torchvitals.column_checksums"
 _TABLE_KEY = b"torchvitals.table"
 _VERSION_KEY = b"torchvitals.schema_version"
+
+
+def column_digest(column: pa.ChunkedArray | pa.Array) -> int:
+    """nh64 of a column's values in a form that does not depend on how they are encoded
+    (labels as their sorted strings and ranks among them, lists as lengths and values,
+    nulls as a mask)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        arr = arr.dictionary_encode()
+    parts = [np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.uint8)]
+    if pa.types.is_dictionary(arr.type):
+        labels = [str(x) for x in arr.dictionary.to_pylist()]
+        codes = pc.fill_null(arr.indices, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        used = sorted({labels[c] for c in np.unique(codes)}) if len(codes) else []
+        where = {label: i for i, label in enumerate(used)}
+        canon = np.array([where.get(label, -1) for label in labels] or [0], dtype=np.int64)
+        parts += [np.frombuffer("\x00".join(used).encode("utf-8", "surrogatepass"), np.uint8)]
+        parts.append(canon[codes] if len(codes) else codes)
+    elif pa.types.is_list(arr.type):
+        lengths = pc.fill_null(pc.list_value_length(arr), 0)
+        parts.append(lengths.to_numpy(zero_copy_only=False).astype(np.int64))
+        parts.append(pc.fill_null(arr.flatten(), 0).to_numpy(zero_copy_only=False))
+    else:
+        parts.append(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False))
+    return nh64(b"".join(np.ascontiguousarray(p).tobytes() for p in parts))
+
+
+def _digests(table: pa.Table) -> bytes:
+    return b",".join(b"%016x" % column_digest(table.column(i)) for i in range(table.num_columns))
 
 
 def _sorted_by_step(parts: list[pa.Table]) -> pa.Table:
@@ -113,6 +147,7 @@ def compact(
             writer = pq.ParquetWriter(sink, schema, **PARQUET_OPTIONS)
             rows = 0
             sums: list[bytes] = []
+            digests: list[bytes] = []
             parts: list[pa.Table] = []
             size = 0
             try:
@@ -125,12 +160,18 @@ def compact(
                     if size >= row_group_bytes:
                         group = _sorted_by_step(parts)
                         writer.write_table(group, row_group_size=group.num_rows)
+                        digests.append(_digests(group))
                         parts, size = [], 0
                 if parts:
                     group = _sorted_by_step(parts)
                     writer.write_table(group, row_group_size=group.num_rows)
+                    digests.append(_digests(group))
                 writer.add_key_value_metadata(
-                    {ROWS_KEY: str(rows).encode(), SOURCE_KEY: b" ".join(sums)}
+                    {
+                        ROWS_KEY: str(rows).encode(),
+                        SOURCE_KEY: b" ".join(sums),
+                        COLUMNS_KEY: b";".join(digests),
+                    }
                 )
             finally:
                 writer.close()
@@ -228,6 +269,22 @@ def open_parquet(source, table: str, path: str) -> pq.ParquetFile:
     return pf
 
 
+def _check_digests(pf: pq.ParquetFile, i: int, rows: pa.Table) -> None:
+    """The columns read against the footer's checksums of row group ``i``."""
+    groups = ((pf.metadata.metadata or {}).get(COLUMNS_KEY) or b"").split(b";")
+    if len(groups) != pf.metadata.num_row_groups:
+        raise ValueError("the footer's column checksums do not match its row groups")
+    sums = groups[i].split(b",")
+    names = pf.schema_arrow.names
+    if len(sums) != len(names):
+        raise ValueError("the footer's column checksums do not match its columns")
+    for name in rows.column_names:
+        want = sums[names.index(name)]
+        got = b"%016x" % column_digest(rows.column(name))
+        if got != want:
+            raise ValueError(f"column {name!r}: checksum mismatch")
+
+
 def read_row_group(
     pf: pq.ParquetFile, i: int, table: str, columns: list[str] | None = None
 ) -> tuple[pa.Table | None, Damage | None]:
@@ -239,6 +296,7 @@ def read_row_group(
         if rows_read.num_rows != group.num_rows:
             raise ValueError(f"{rows_read.num_rows} row(s) read, the footer says {group.num_rows}")
         rows_read.validate(full=True)
+        _check_digests(pf, i, rows_read)
         if columns is None:
             rows_read = conform(table, rows_read)
         for name in (*REQUIRED[table], "rank"):
