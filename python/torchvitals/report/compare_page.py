@@ -113,7 +113,7 @@ def _severity_rank(event) -> int:
 
 # ---------------------------------------------------------------------------- HTML
 def _curves_plot(
-    runs: Sequence[RunData], comparison: Comparison, label: str, key: str | None
+    runs: Sequence[RunData], comparison: Comparison, label: str, key: str | None, title: str
 ) -> str | None:
     """Each run's metric (``key`` None) or series ``key``, overlaid, with each pair's first
     divergence marked in the colour of the run that parts."""
@@ -130,7 +130,8 @@ def _curves_plot(
             continue
         positive &= bool((values[ok] > 0).all())
         color = _COLORS[i % len(_COLORS)]
-        ax.plot(run.step[ok], values[ok], lw=0.8, color=color, label=f"{letter(i)}: {run.name}")
+        name = f"{letter(i)}: {run.name}".replace("$", r"\$")  # a path is no math
+        ax.plot(run.step[ok], values[ok], lw=0.8, color=color, label=name)
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -143,9 +144,9 @@ def _curves_plot(
         ax.text(onset, 1.0, f"{letter(i)} parts", transform=ax.get_xaxis_transform(),
                 rotation=90, va="top", ha="right", fontsize=8, color=color)  # fmt: skip
     ax.set_xlabel("step")
-    ax.set_ylabel(label)
+    ax.set_ylabel(label, parse_math=False)
     ax.legend(fontsize=8, loc="best")
-    ax.set_title(f"{label}, all runs", parse_math=False)  # layer names as written
+    ax.set_title(title, parse_math=False)  # layer names as written
     return _png(fig)
 
 
@@ -185,7 +186,9 @@ def _pair_section(i: int, pair: PairComparison, runs: Sequence[RunData], compari
         measure = row.diverged[0] if row.diverged else max(row.distances, key=row.distances.get)
         title = f"{_MEASURE_LABEL[measure]} of {row.layer}"
         parts.append(f"<h3>{html.escape(title)}</h3>")
-        parts.append(_img(title, _curves_plot(runs, comparison, title, f"{measure}/{row.layer}")))
+        key = f"{measure}/{row.layer}"
+        plot = _curves_plot(runs, comparison, _MEASURE_LABEL[measure], key, f"{title}, all runs")
+        parts.append(_img(title, plot))
     return "".join(parts)
 
 
@@ -218,7 +221,7 @@ def write_compare_page(
         }
         event_rows.append({"kind": row.kind, **cells})
     event_columns = ["kind"] + [letter(i) for i in range(len(runs))]
-    curves = _curves_plot(runs, comparison, metric, None)
+    curves = _curves_plot(runs, comparison, metric, None, f"{metric}, all runs")
     title = html.escape(f"torchvitals compare: {', '.join(paths)}")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
