@@ -54,7 +54,7 @@ def deep_run(path: str | Path, steps: int = 30, depth: int = DEPTH) -> Path:
     return tr.train(path, model, opt, steps, data, batch=32, weight_every=5)
 
 
-def demo_run(path: str | Path, steps: int = 400) -> Path:
+def demo_run(path: str | Path, steps: int = 300) -> Path:
     """The demo (pre-flight checks, then the tanh network), ``steps`` long."""
     from torchvitals import demo
 
