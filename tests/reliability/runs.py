@@ -21,10 +21,20 @@ MANIFEST = {
 }
 
 
-def write_template(path: str) -> None:
-    """One record batch per table and step (a flush after every step), closed cleanly."""
+def write_template(path: str, compact: bool = False) -> None:
+    """One record batch per table and step (a flush after every step), closed cleanly;
+    the closed segments stay Arrow streams, or with ``compact`` become Parquet files."""
+    from torchvitals.store import segments
     from torchvitals.store.writer import RunWriter
 
+    saved, segments.COMPACT = segments.COMPACT, compact
+    try:
+        _write(path, RunWriter)
+    finally:
+        segments.COMPACT = saved
+
+
+def _write(path: str, RunWriter) -> None:
     with RunWriter(path, manifest=MANIFEST, flush_interval=60) as w:
         for step in range(STEPS):
             w.submit(

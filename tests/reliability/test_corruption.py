@@ -87,9 +87,44 @@ def build_cases(template: Path) -> list[dict]:
     return cases
 
 
-def test_corruptions_never_crash_hang_or_lie(template):
-    cases = build_cases(template)
-    results = run_cases(WORKER, cases, args=(str(template),), timeout=30.0)
+@pytest.fixture(scope="module")
+def compacted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("compacted") / "run"
+    write_template(str(path), compact=True)
+    return path
+
+
+PARQUET = tuple(name.replace(".arrows", ".parquet") for name in SEGMENTS)
+FOOTER_OF = "layers.rank0.000000.parquet"  # every byte of its footer and its last pages
+
+
+def build_parquet_cases(template: Path) -> list[dict]:
+    rng = random.Random(20261128)
+    cases = []
+    data = (template / FOOTER_OF).read_bytes()
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    for i in range(max(0, len(data) - footer - 256), len(data)):
+        cases.append(
+            {"id": f"pqfooter-{i}", "op": "flip", "file": FOOTER_OF, "offset": i, "xor": 1}
+        )
+    sizes = {name: (template / name).stat().st_size for name in PARQUET}
+    for k in range(SAMPLES):
+        name = rng.choice(PARQUET)
+        offset, xor = rng.randrange(sizes[name]), rng.randrange(1, 256)
+        cases.append(
+            {"id": f"pqsample-{k}", "op": "flip", "file": name, "offset": offset, "xor": xor}
+        )
+    for name in PARQUET:
+        size = sizes[name]
+        cuts = {0, 1, 4, 8, size - 8, size - 1} | {rng.randrange(size) for _ in range(20)}
+        for cut in sorted(c for c in cuts if 0 <= c < size):
+            cases.append(
+                {"id": f"pqtruncate-{name}-{cut}", "op": "truncate", "file": name, "length": cut}
+            )
+    return cases
+
+
+def check(cases: list[dict], results: dict[str, dict], summary_key: str) -> dict:
     assert len(results) == len(cases)
     by_kind: dict[str, Counter] = {}
     failures = []
@@ -102,8 +137,28 @@ def test_corruptions_never_crash_hang_or_lie(template):
     summary = {kind: dict(counts) for kind, counts in by_kind.items()}
     print(json.dumps(summary, indent=1, sort_keys=True))
     if SUMMARY:
-        Path(SUMMARY).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        where = Path(SUMMARY)
+        old = json.loads(where.read_text()) if where.exists() else {}
+        old[summary_key] = summary
+        where.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
     assert not failures, failures[:10]
+    return summary
+
+
+def test_compacted_corruptions_never_crash_hang_or_lie(compacted):
+    """The same sweep over the Parquet files a closed run is compacted into: page CRCs,
+    the footer's row count and the types catch the damage; the intact row groups stay."""
+    assert sorted(p.name for p in compacted.glob("*.parquet")) == sorted(PARQUET)
+    cases = build_parquet_cases(compacted)
+    results = run_cases(WORKER, cases, args=(str(compacted),), timeout=30.0)
+    summary = check(cases, results, "parquet")
+    assert summary["pqsample"].get("recovered", 0) + summary["pqsample"].get("error", 0) > 0
+
+
+def test_corruptions_never_crash_hang_or_lie(template):
+    cases = build_cases(template)
+    results = run_cases(WORKER, cases, args=(str(template),), timeout=30.0)
+    check(cases, results, "stream")
     # the hostile cases each end in a clear error or a load of intact data
     hostile = {c["scenario"]: results[c["id"]]["outcome"] for c in cases if c["op"] == "hostile"}
     assert set(hostile.values()) <= {"error", "intact", "recovered", "flagged"}, hostile

@@ -72,6 +72,9 @@ SOURCE_KEY = b"torchvitals.source_checksums"
 #: the column's decoded values (:func:`column_digest`): what catches a damaged footer,
 #: which Parquet's page checksums do not cover.
 COLUMNS_KEY = b"torchvitals.column_checksums"
+#: Footer key: the columns written, in order (a renamed column is damage, not a column
+#: an older schema lacked).
+NAMES_KEY = b"torchvitals.columns"
 _TABLE_KEY = b"torchvitals.table"
 _VERSION_KEY = b"torchvitals.schema_version"
 
@@ -171,6 +174,7 @@ def compact(
                         ROWS_KEY: str(rows).encode(),
                         SOURCE_KEY: b" ".join(sums),
                         COLUMNS_KEY: b";".join(digests),
+                        NAMES_KEY: ",".join(schema.names).encode(),
                     }
                 )
             finally:
@@ -275,9 +279,12 @@ def _check_digests(pf: pq.ParquetFile, i: int, rows: pa.Table) -> None:
     if len(groups) != pf.metadata.num_row_groups:
         raise ValueError("the footer's column checksums do not match its row groups")
     sums = groups[i].split(b",")
-    names = pf.schema_arrow.names
+    names = ((pf.metadata.metadata or {}).get(NAMES_KEY) or b"").decode("utf-8", "replace")
+    names = names.split(",")
     if len(sums) != len(names):
         raise ValueError("the footer's column checksums do not match its columns")
+    if [n for n in names if n in rows.column_names] != rows.column_names:
+        raise ValueError("the columns read are not the columns written")
     for name in rows.column_names:
         want = sums[names.index(name)]
         got = b"%016x" % column_digest(rows.column(name))

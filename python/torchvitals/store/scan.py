@@ -37,7 +37,7 @@ from .reader import (
     run_files,
     warn_damaged,
 )
-from .schema import SCHEMAS, dictionary_codes, empty_table
+from .schema import conform, dictionary_codes, empty_table
 
 __all__ = ["SERIES_COLUMNS", "RunScan", "scan_run"]
 
@@ -148,15 +148,18 @@ class RunScan:
             try:
                 source = pa.BufferReader(read_regular_file(unit.file, MAX_SEGMENT_BYTES))
                 pf = open_parquet(source, unit.table, str(unit.file))
-                rows, damage = read_row_group(pf, unit.group, unit.table, columns)
+                present = pf.schema_arrow.names
+                wanted = None if columns is None else [c for c in columns if c in present]
+                rows, damage = read_row_group(pf, unit.group, unit.table, wanted)
             except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
                 rows, damage = None, Damage(0, None, f"not read: {exc}"[:300])
             if damage is not None:
                 self._damage(unit.file, unit.table, unit.rank, [damage], 0)
-                return empty_table(unit.table).select(columns or SCHEMAS[unit.table].names)
-            return rows
+                return empty_table(unit.table)
+            # the columns not read are null: the merge sees the table's whole schema
+            return conform(unit.table, rows)
         data, _rec, _fp = _read_stream_segment(unit.file, unit.table, unit.rank)
-        return data.select(columns) if columns else data
+        return data
 
     def chunks(
         self,
