@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
 from torch import nn
@@ -117,6 +119,62 @@ def test_lightning_callback_records_what_the_plain_loop_records(tmp_path):
     assert acts.groupby("step").size().tolist() == [3] * STEPS
     assert acts.loc[(0, "net.0"), "numel"] == 16 * 16
     assert run.manifest["world_size"] == 1 and run.manifest["rank"] == 0
+
+
+def test_lightning_fit_resumed_from_a_checkpoint_is_a_new_attempt(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from torchvitals.integrations.lightning import TorchvitalsCallback
+    from torchvitals.store.merge import SupersededRowsWarning, superseded_rows
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    x, y = dataset()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+    def fit(path, max_steps, ckpt_path=None, checkpoints=None):
+        callbacks = [TorchvitalsCallback(path)]
+        if checkpoints is not None:
+            every = ModelCheckpoint(checkpoints, "{step}", every_n_train_steps=2, save_top_k=-1)
+            callbacks.append(every)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=checkpoints is not None,
+            logger=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(Module(), loader, ckpt_path=ckpt_path)
+
+    fit(tmp_path / "whole", 6)
+    fit(tmp_path / "run", 4, checkpoints=tmp_path / "ckpt")  # the job dies after step 3
+    fit(tmp_path / "run", 6, ckpt_path=tmp_path / "ckpt" / "step=2.ckpt")
+    with pytest.warns(SupersededRowsWarning, match=r"attempt 0 at step\(s\) 2-3"):
+        run = torchvitals.load_run(tmp_path / "run")
+    whole = torchvitals.load_run(tmp_path / "whole")
+    assert run.scalar("loss")[0].tolist() == list(range(6))
+    np.testing.assert_allclose(run.scalar("loss")[1], whole.scalar("loss")[1], rtol=1e-6)
+    losses = run.scalars.filter(pc.equal(run.scalars["name"].cast("string"), "loss"))
+    assert losses["attempt"].to_pylist() == [0, 0, 1, 1, 1, 1]
+    assert [a["start_step"] for a in run.manifest["attempts"]] == [0, 2]
+    steps_2_3 = pc.is_in(whole.layers["step"], pa.array([2, 3]))
+    assert superseded_rows(run.layers) == whole.layers.filter(steps_2_3).num_rows
+    assert run.layers.num_rows == whole.layers.num_rows
+    got, want = frame(run, "grad"), frame(whole, "grad")
+    np.testing.assert_allclose(got["sumsq"], want["sumsq"], rtol=1e-5)
 
 
 # --- Hugging Face -------------------------------------------------------------------

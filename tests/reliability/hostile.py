@@ -146,6 +146,15 @@ SCENARIOS = {
     "placements_string": lambda r: _edit_manifest(
         r, _dist({"sharded": {"fc1": {"placements": "Shard(dim=0)"}}})
     ),
+    # schema version 3: the attempts of a run resumed in its directory
+    "attempts_string": lambda r: _edit_manifest(r, _set("attempts", "0,1")),
+    "attempts_empty": lambda r: _edit_manifest(r, _set("attempts", [])),
+    "attempt_out_of_range": lambda r: _edit_manifest(r, _set("attempt", 5)),
+    "start_step_string": lambda r: _edit_manifest(r, _set("attempts", [{"start_step": "0"}])),
+    "start_step_2**70": lambda r: _edit_manifest(r, _set("attempts", [{"start_step": 2**70}])),
+    "attempt_rows_written_negative": lambda r: _edit_manifest(
+        r, _set("attempts", [{"start_step": 0, "rows_written": {"scalars": -1}}])
+    ),
     "grads_on_list": lambda r: _edit_manifest(r, _dist({"grads_on": ["rank0"]})),
     "rows_written_string": lambda r: _edit_manifest(r, _set("rows_written", "lots")),
     "rows_written_negative": lambda r: _edit_manifest(r, _set("rows_written", {"hist": -1})),

@@ -199,17 +199,26 @@ def test_segment_rotation_and_resume_never_overwrites(tmp_path):
         for i in range(5):
             w.submit("scalars", {"step": i, "name": "loss", "value": i})
             w.flush()
-    first = segments(path)
-    assert len(first) == 5 and first[-1].endswith("scalars.rank0.000004.arrows")
-    with RunWriter(path, manifest=MANIFEST) as w:  # a restarted process appends segments
+
+    def numbered():  # closed segments are compacted into .parquet files: the numbers
+        return sorted(f.rsplit(".", 1)[0] for f in os.listdir(path) if f.startswith("scalars."))
+
+    first = numbered()
+    assert len(first) == 5 and first[-1] == "scalars.rank0.000004"
+    # a restarted process appends segments (and continues the run: a new attempt)
+    with pytest.warns(RuntimeWarning, match="continues the run at step 5"):
+        w = RunWriter(path, manifest=MANIFEST)
+    with w:
         w.submit("scalars", {"step": 5, "name": "loss", "value": 5})
-    assert segments(path)[:5] == first and segments(path)[-1].endswith(".000005.arrows")
+    assert numbered()[:5] == first and numbered()[-1] == "scalars.rank0.000005"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the manifest counts only the restarted writer's rows
         run = load_run(path)
     assert run.scalar("loss")[0].tolist() == [0, 1, 2, 3, 4, 5]
     assert run.manifest["rows_written"]["scalars"] == 1
     assert run.manifest["first_segment"] == {"scalars": 5}
+    assert [a["rows_written"]["scalars"] for a in run.manifest["attempts"]] == [5, 1]
+    assert run.scalars["attempt"].to_pylist() == [0] * 5 + [1]
 
 
 def test_multi_rank_concat_and_merge_hook(tmp_path):

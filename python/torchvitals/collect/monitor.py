@@ -106,6 +106,13 @@ class Monitor:
     model with DTensor (sharded) parameters, else ``"all"``. DTensor shards are always
     recorded once each. ``live=True`` adds one asynchronous ``all_reduce`` per step over
     ``live_group`` and writes the global ``LIVE_SCALARS`` one step later.
+
+    ``start_step``: resuming from a checkpoint saved at step ``k``, pass ``k`` (the
+    integrations pass the trainer's global step). In a run directory this rank already
+    wrote, the Monitor then records a new attempt from step ``k`` (every row carries its
+    ``attempt``), and ``load_run`` keeps, per step, the latest attempt's rows. Without
+    it, a Monitor on an existing run continues after its last recorded step, with a
+    warning.
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class Monitor:
         grads_on: GradsOn = "auto",
         live: bool = False,
         live_group: Any = None,
+        start_step: int | None = None,
     ) -> None:
         model, ddp = unwrap(model)
         previous = getattr(model, _ATTACHED, None)
@@ -227,7 +235,10 @@ class Monitor:
             flush_interval=flush_interval,
             on_full=on_full,
             strict=strict,
+            start_step=start_step,
         )
+        self.step_count = self.writer.start_step
+        self._acts.next_step(self.step_count)
         self._register_hooks(hooked)
         setattr(model, _ATTACHED, self)
 

@@ -9,7 +9,9 @@
 At ``on_train_begin`` the Monitor is attached to the (unwrapped) model with the
 Trainer's optimizer (unwrapped from Accelerate's ``AcceleratedOptimizer``, whose AMP
 ``GradScaler`` it also takes), the process index and world size (gradients on rank 0
-only under DDP); ``on_step_end``, once per optimizer step, ends one Monitor step. The
+only under DDP); ``on_step_end``, once per optimizer step, ends one Monitor step. Training
+resumed from a checkpoint starts at its global step (``start_step``: the run directory's
+earlier rows from that step on are superseded). The
 Monitor reads gradients when the optimizer steps, so after the Trainer's clipping.
 
 The recorded ``loss`` is the one the Trainer logs for the step, kept on the device:
@@ -68,6 +70,8 @@ class TorchvitalsCallback(TrainerCallback):
             "scaler": getattr(optimizer, "scaler", None),
             "rank": args.process_index,
             "world_size": args.world_size,
+            # train(resume_from_checkpoint=...) records a new attempt from its step on
+            "start_step": state.global_step,
         }
         if args.world_size > 1 and not args.fsdp and not args.deepspeed:
             settings["grads_on"] = "rank0"  # DDP: the Monitor sees the model inside it

@@ -6,10 +6,12 @@
 
     trainer = lightning.Trainer(callbacks=[TorchvitalsCallback("runs/exp1")])
 
-At the start of ``fit`` the Monitor is attached to the LightningModule with the
+When training starts (``on_train_start``) the Monitor is attached to the LightningModule with the
 trainer's optimizers, its AMP ``GradScaler`` (if any), global rank and world size
 (gradients on rank 0 only under DDP); each optimizer step (after
-``accumulate_grad_batches`` batches) ends one Monitor step, with the step's loss. The
+``accumulate_grad_batches`` batches) ends one Monitor step, with the step's loss; a fit
+resumed from a checkpoint (``ckpt_path``) starts at the trainer's global step
+(``start_step``: the run directory's earlier rows from that step on are superseded). The
 Monitor reads gradients when the optimizer steps, and activations of the step's first
 training forward even when ``training_step`` calls submodules rather than
 ``self(...)``. Keyword arguments are passed to the Monitor and override these.
@@ -45,12 +47,15 @@ class TorchvitalsCallback(Callback):
         self._loss: torch.Tensor | None = None
         self._last_step = 0
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not on_fit_start: a checkpoint's global step is restored between the two.
         kwargs: dict[str, Any] = {
             "optimizer": list(trainer.optimizers),
             "scaler": getattr(trainer.precision_plugin, "scaler", None),
             "rank": trainer.global_rank,
             "world_size": trainer.world_size,
+            # a fit resumed from a checkpoint records a new attempt from its step on
+            "start_step": trainer.global_step,
         }
         if isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel):
             kwargs["grads_on"] = "rank0"  # the Monitor sees the module inside the wrapper

@@ -28,6 +28,8 @@ MAX_SHARDED = 1 << 20
 #: At most this many device meshes, of at most this many dimensions each.
 MAX_MESHES = 1 << 12
 MAX_MESH_DIMS = 16
+#: At most this many attempts (a run resumed in its directory) per rank.
+MAX_ATTEMPTS = 1 << 16
 
 
 class ManifestError(ValueError):
@@ -154,6 +156,50 @@ def _distributed(path: object, dist: Any) -> None:
                 )
 
 
+def _closing(path: object, obj: dict, where: str) -> None:
+    """``closed_at``, ``rows_written``, ``rows_lost`` and ``first_segment`` of the manifest
+    or of one of its ``attempts`` (``where``)."""
+    closed = obj.get("closed_at")
+    if closed is not None and not isinstance(closed, str):
+        raise _fail(path, f"'{where}closed_at' must be a string, got {closed!r:.40}")
+    for key in ("rows_written", "rows_lost", "first_segment"):
+        rows = obj.get(key)
+        if rows is None:
+            continue
+        name = f"'{where}{key}'"
+        if not isinstance(rows, dict) or not all(
+            isinstance(t, str) and _is_int(n) and n >= 0 for t, n in rows.items()
+        ):
+            raise _fail(path, f"{name} must map table names to non-negative integers")
+        if key == "first_segment" and any(n >= MAX_SEGMENTS for n in rows.values()):
+            raise _fail(path, f"{name} holds a segment number of {MAX_SEGMENTS} or more")
+        unknown = sorted(set(rows) - set(SCHEMAS))
+        if unknown:
+            raise _fail(path, f"{name} names unknown table(s) {unknown}")
+
+
+def _attempts(path: object, obj: dict) -> None:
+    """``attempts`` (schema version 3): one object per attempt, index = attempt number,
+    with the step it starts at; ``attempt`` is the writer's own."""
+    attempts = obj.get("attempts")
+    if attempts is None:
+        if obj.get("attempt") not in (None, 0):
+            raise _fail(path, f"'attempt' is {obj.get('attempt')!r:.40} without 'attempts'")
+        return
+    if not isinstance(attempts, list) or not 1 <= len(attempts) <= MAX_ATTEMPTS:
+        raise _fail(path, f"'attempts' must be a list of 1 to {MAX_ATTEMPTS} attempts")
+    for i, entry in enumerate(attempts):
+        if not isinstance(entry, dict):
+            raise _fail(path, f"'attempts[{i}]' must be an object, got {type(entry).__name__}")
+        start = entry.get("start_step")
+        if start is not None and not (_is_int(start) and -(2**63) <= start < 2**63):
+            raise _fail(path, f"'attempts[{i}].start_step' must be a step, got {start!r:.40}")
+        _closing(path, entry, f"attempts[{i}].")
+    own = obj.get("attempt", len(attempts) - 1)
+    if not (_is_int(own) and 0 <= own < len(attempts)):
+        raise _fail(path, f"'attempt' is {own!r:.40}, not an index into 'attempts'")
+
+
 def check_manifest(text: bytes, path: object, rank: int) -> tuple[dict, list[str]]:
     """The manifest in ``text`` (the file ``path`` of rank ``rank``) and its problems to
     warn about; raises :class:`ManifestError` or :class:`SchemaVersionError`."""
@@ -179,24 +225,10 @@ def check_manifest(text: bytes, path: object, rank: int) -> tuple[dict, list[str
     if world is not None and not (_is_int(world) and 1 <= world <= MAX_RANKS):
         raise _fail(path, f"'world_size' must be an integer in [1, {MAX_RANKS}], got {world!r:.40}")
     _distributed(path, obj.get("distributed"))
-    closed = obj.get("closed_at")
-    if closed is not None and not isinstance(closed, str):
-        raise _fail(path, f"'closed_at' must be a string, got {closed!r:.40}")
+    _closing(path, obj, "")
     for key in ("dropped_batches", "write_errors", "write_retries", "run_dir_lost"):
         _count(path, obj, key)
-    for key in ("rows_written", "rows_lost", "first_segment"):
-        rows = obj.get(key)
-        if rows is None:
-            continue
-        if not isinstance(rows, dict) or not all(
-            isinstance(t, str) and _is_int(n) and n >= 0 for t, n in rows.items()
-        ):
-            raise _fail(path, f"{key!r} must map table names to non-negative integers")
-        if key == "first_segment" and any(n >= MAX_SEGMENTS for n in rows.values()):
-            raise _fail(path, f"{key!r} holds a segment number of {MAX_SEGMENTS} or more")
-        unknown = sorted(set(rows) - set(SCHEMAS))
-        if unknown:
-            raise _fail(path, f"{key!r} names unknown table(s) {unknown}")
+    _attempts(path, obj)
     problems = []
     written = obj.get(MANIFEST_CHECKSUM_KEY)
     if written is None:

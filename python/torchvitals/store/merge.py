@@ -45,12 +45,17 @@ from torchvitals.store.schema import LAYER_STATS, SCHEMAS, dictionary_codes, emp
 __all__ = [
     "MERGED_RANK",
     "PARAM_KINDS",
+    "SUPERSEDED_KEY",
     "MissingRanksWarning",
     "RankCoverage",
+    "Superseded",
+    "SupersededRowsWarning",
     "merge_ranks",
     "rank_coverage",
     "recording_ranks",
     "shard_holders",
+    "supersede",
+    "superseded_rows",
 ]
 
 #: ``rank`` of a row merged from the shards of all ranks.
@@ -62,6 +67,90 @@ _GLOBAL_SCALARS = ("grad_norm", "grad_nonfinite")
 
 class MissingRanksWarning(RuntimeWarning):
     """Some rank's data is missing: merged results cover only the complete steps."""
+
+
+class SupersededRowsWarning(RuntimeWarning):
+    """A rank was resumed: rows of an earlier attempt were replaced by a later one's."""
+
+
+#: Schema metadata key of a merged table: how many rows of earlier attempts were left out.
+SUPERSEDED_KEY = b"torchvitals.superseded"
+_NO_CUT = np.iinfo(np.int64).max
+
+
+@dataclass
+class Superseded:
+    """What :func:`supersede` left out, and the rows that an attempt wrote below its own
+    start step (they may duplicate an earlier attempt's steps: mixed, not superseded)."""
+
+    rows: int = 0
+    #: ``{(rank, attempt): (rows, their steps, the step the later attempt starts at)}``
+    by_attempt: dict[tuple[int, int], tuple[int, np.ndarray, int]] = field(default_factory=dict)
+    #: ``{(rank, attempt): (its start step, steps it wrote below it)}``
+    below_start: dict[tuple[int, int], tuple[int, np.ndarray]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        parts = [
+            f"rank {r}: {n} row(s) of attempt {a} at step(s) {_ranges(steps.tolist())}, "
+            f"superseded by a later attempt from step {start}"
+            for (r, a), (n, steps, start) in sorted(self.by_attempt.items())[:8]
+        ]
+        more = len(self.by_attempt) - len(parts)
+        return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _attempt_starts(manifest: Any) -> list[int | None]:
+    """The start step of each attempt the manifest lists (None where unknown)."""
+    attempts = manifest.get("attempts") if isinstance(manifest, dict) else None
+    if not isinstance(attempts, list):
+        return []  # written before schema version 3: one attempt
+    starts = [e.get("start_step") if isinstance(e, dict) else None for e in attempts]
+    return [s if isinstance(s, int) and not isinstance(s, bool) else None for s in starts]
+
+
+def supersede(
+    per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]
+) -> tuple[dict[int, pa.Table], Superseded]:
+    """Each rank's rows without those an earlier attempt wrote at steps a later attempt
+    of the rank restarted from (a job resumed from a checkpoint at step k writes steps
+    k, k+1, ... again): so each ``(step, layer, kind)`` or ``(step, name)`` of a rank is
+    the latest attempt's. Row by row, from the manifests alone: it works on any subset
+    of the steps. Rows without an attempt (older runs) are the first attempt's."""
+    kept: dict[int, pa.Table] = {}
+    report = Superseded()
+    for rank, table in per_rank.items():
+        starts = _attempt_starts(manifests.get(rank))
+        if len(starts) < 2 or not table.num_rows:
+            kept[rank] = table
+            continue
+        # cut[a]: the first step a later attempt restarted from; the last slot is for
+        # attempts the manifest does not list (never superseded)
+        cut = np.full(len(starts) + 1, _NO_CUT, dtype=np.int64)
+        for a in range(len(starts) - 2, -1, -1):
+            later = starts[a + 1]
+            cut[a] = cut[a + 1] if later is None else min(cut[a + 1], later)
+        step = table.column("step").to_numpy()
+        attempt = pc.fill_null(table.column("attempt"), 0).to_numpy().astype(np.int64)
+        attempt = np.clip(attempt, 0, len(starts))
+        drop = step >= cut[attempt]
+        own = np.array([_NO_CUT if s is None else s for s in starts] + [_NO_CUT])
+        below = (attempt > 0) & (attempt < len(starts)) & (step < own[attempt])
+        for a in np.unique(attempt[below]).tolist():
+            report.below_start[(rank, a)] = (starts[a], np.unique(step[below & (attempt == a)]))
+        if not drop.any():
+            kept[rank] = table
+            continue
+        for a in np.unique(attempt[drop]).tolist():
+            rows = drop & (attempt == a)
+            report.by_attempt[(rank, a)] = (int(rows.sum()), np.unique(step[rows]), int(cut[a]))
+        report.rows += int(drop.sum())
+        kept[rank] = table.filter(pa.array(~drop))
+    return kept, report
+
+
+def superseded_rows(table: pa.Table) -> int:
+    """How many rows of earlier attempts :func:`merge_ranks` left out of ``table``."""
+    return int((table.schema.metadata or {}).get(SUPERSEDED_KEY, b"0"))
 
 
 class _MissingSteps(Mapping):
@@ -376,6 +465,7 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
         cols: dict[str, pa.Array] = {
             "step": pa.array(g_step, pa.int64()),
             "rank": pa.array(np.full(len(starts), MERGED_RANK), pa.int32()),
+            "attempt": _group_reduce(shards.column("attempt"), order, starts, np.maximum),
             "layer": _labels(layer_labels, s_layer[starts]),
             "kind": _labels(kind_labels, kind_codes[order][starts]),
         }
@@ -408,7 +498,7 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
             f"parameter row(s) at step(s) {_ranges(sorted(steps))} are incomplete "
             f"(missing {who}); those rows are kept per rank, unmerged",
             MissingRanksWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return _sorted(parts)
 
@@ -440,6 +530,7 @@ def _global_grad_scalars(table: pa.Table, manifests: Mapping[int, dict]) -> pa.T
         {
             "step": pa.array(step[order][starts], pa.int64()),
             "rank": pa.array(np.full(len(starts), MERGED_RANK), pa.int32()),
+            "attempt": _group_reduce(sel.column("attempt"), order, starts, np.maximum),
             "name": _labels(labels, g_codes),
             "value": pa.array(np.where(is_norm, norm(squares), sums)),
         },
@@ -453,9 +544,39 @@ def merge_ranks(
 ) -> pa.Table:
     """The exact merge (see the module docstring); a ``torchvitals.store.reader.MergeFn``.
 
+    First each rank's rows of earlier attempts are superseded (:func:`supersede`): the
+    table says how many in its schema metadata (:func:`superseded_rows`), and the merge
+    of ``scalars`` (written at every step) warns with a :class:`SupersededRowsWarning`.
     Tables are stable-sorted by ``(step, rank)``, so a step's merged rows (rank -1)
     come first, then each rank's rows in the order it wrote them.
     """
+    per_rank, superseded = supersede(per_rank, manifests)
+    if superseded.rows and name == "scalars":
+        warnings.warn(
+            f"torchvitals: resumed run: each step has the latest attempt's rows only: "
+            f"{superseded.describe()} (in 'scalars'; the rows of 'layers' and 'hist' at "
+            "those steps are superseded too)",
+            SupersededRowsWarning,
+            stacklevel=2,
+        )
+    if superseded.below_start:
+        (rank, attempt), (start, steps) = min(superseded.below_start.items())
+        warnings.warn(
+            f"torchvitals: merging {name!r}: attempt {attempt} of rank {rank} starts at step "
+            f"{start} but has rows at step(s) {_ranges(steps.tolist())}: they are kept "
+            "beside the earlier attempts' rows of those steps (a writer resumed without "
+            "start_step that wrote earlier steps again?)",
+            SupersededRowsWarning,
+            stacklevel=2,
+        )
+    table = _merge(name, per_rank, manifests)
+    if superseded.rows:
+        meta = {**(table.schema.metadata or {}), SUPERSEDED_KEY: str(superseded.rows).encode()}
+        table = table.replace_schema_metadata(meta)
+    return table
+
+
+def _merge(name: str, per_rank: Mapping[int, pa.Table], manifests: Mapping[int, dict]) -> pa.Table:
     table = concat_ranks(name, per_rank)
     if name == "scalars":
         coverage = rank_coverage(per_rank, manifests)
@@ -464,7 +585,7 @@ def merge_ranks(
                 f"torchvitals: missing rank data: {coverage.describe()}; merged rows "
                 "(rank -1) exist only for steps every rank recorded",
                 MissingRanksWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         return _global_grad_scalars(table, manifests)
     if name in ("layers", "hist"):

@@ -11,7 +11,10 @@ read back as nulls) and refuse newer runs with a clear error.
 
 History: 2 added ``layers.large`` and writes ``dead_units``, ``saturated`` and
 ``saturated_units`` as null where the module does not measure them (version 1 wrote 0,
-and counted |x| >= 6 on linear layers as ``saturated``).
+and counted |x| >= 6 on linear layers as ``saturated``). 3: attempt, shards_complete (and
+hist.neg_counts): every table's ``attempt`` (a run resumed in its directory; null in
+older runs, read as the first attempt) with the manifest's ``attempts``;
+``layers.shards_complete``; the manifest's sharding layout without ``recorded_by``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ __all__ = [
 ]
 
 #: Version of the on-disk layout (tables, columns, manifest keys).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Dictionary-encoded string, used for low-cardinality labels (names, layers, kinds).
 DICT_STRING = pa.dictionary(pa.int32(), pa.string())
@@ -63,17 +66,26 @@ _STEP = pa.field("step", pa.int64(), nullable=False)
 _RANK = pa.field("rank", pa.int32(), nullable=False)
 _LAYER = pa.field("layer", DICT_STRING, nullable=False)
 _KIND = pa.field("kind", DICT_STRING, nullable=False)
+#: Which attempt of the rank wrote the row: 0, then one more each time a writer resumes
+#: the run in its directory (schema version 3; null in older runs: the first attempt).
+_ATTEMPT = pa.field("attempt", pa.int32())
 
 #: Long format: one row per (step, name).
 SCALARS = pa.schema(
-    [_STEP, _RANK, pa.field("name", DICT_STRING, nullable=False), pa.field("value", pa.float64())],
+    [
+        _STEP,
+        _RANK,
+        _ATTEMPT,
+        pa.field("name", DICT_STRING, nullable=False),
+        pa.field("value", pa.float64()),
+    ],
     metadata=_meta("scalars"),
 )
 
 
 #: One row per (step, layer, kind).
 LAYERS = pa.schema(
-    [_STEP, _RANK, _LAYER, _KIND]
+    [_STEP, _RANK, _ATTEMPT, _LAYER, _KIND]
     + [pa.field(c, pa.int64()) for c in COUNT_KEYS]
     + [pa.field(c, pa.float64()) for c in MOMENT_KEYS]
     # Elements with |x| >= 6 in a linear layer's or norm's output (schema version 2).
@@ -83,7 +95,7 @@ LAYERS = pa.schema(
 
 #: One row per (step, layer, kind); ``counts`` uses the bins of ``hist_edges`` in the manifest.
 HIST = pa.schema(
-    [_STEP, _RANK, _LAYER, _KIND, pa.field("counts", pa.list_(pa.int64()))],
+    [_STEP, _RANK, _ATTEMPT, _LAYER, _KIND, pa.field("counts", pa.list_(pa.int64()))],
     metadata=_meta("hist"),
 )
 
@@ -94,8 +106,8 @@ LAYER_STATS: tuple[str, ...] = (*COUNT_KEYS, *MOMENT_KEYS, "large")
 SCHEMAS: dict[str, pa.Schema] = {"scalars": SCALARS, "layers": LAYERS, "hist": HIST}
 TABLES: tuple[str, ...] = tuple(SCHEMAS)
 
-#: Columns a submitted batch must provide (``rank`` defaults to the writer's rank;
-#: every other column may be omitted and is then written as null).
+#: Columns a submitted batch must provide (``rank`` and ``attempt`` default to the
+#: writer's; every other column may be omitted and is then written as null).
 REQUIRED: dict[str, tuple[str, ...]] = {
     "scalars": ("step", "name", "value"),
     "layers": ("step", "layer", "kind"),

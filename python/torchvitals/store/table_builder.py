@@ -50,10 +50,11 @@ class TableBuilder:
     ``(lengths, flat_values, valid)`` triple. ``build`` turns them into one batch.
     """
 
-    def __init__(self, table: str, rank: int):
+    def __init__(self, table: str, rank: int, attempt: int | None = None):
         self.table = table
         self.schema = SCHEMAS[table]
         self.rank = rank
+        self.attempt = attempt
         self.required = REQUIRED[table]
         self.kinds = {f.name: _column_kind(f.type) for f in self.schema}
         self.parts: dict[str, list[Any]] = {n: [] for n in self.kinds}
@@ -108,6 +109,8 @@ class TableBuilder:
         n = 1 if n is None else n
         if "rank" not in values:
             values["rank"] = self.rank
+        if "attempt" not in values:
+            values["attempt"] = self.attempt
         # convert every scalar (broadcast) now, so that build() cannot fail on this item
         converted: dict[str, Any] = {}
         for k, kind in kinds.items():

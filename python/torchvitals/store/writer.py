@@ -81,6 +81,11 @@ class RunWriter:
     segment_bytes: rotate a table's segment file once it is larger than this.
     compression: ``"zstd"`` (default), ``"lz4"`` or ``None``: the codec of each record
         batch's buffers (pyarrow, polars and duckdb read both).
+    start_step: where this rank already wrote in ``path`` (a restarted job), the step
+        training resumes at, from a checkpoint: this writer is the rank's next attempt
+        (every row's ``attempt``), and the reader drops the earlier attempts' rows from
+        that step on. None: the run goes on after the last step recorded (warned about
+        when there is one). See ``manifest.py``.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class RunWriter:
         strict: bool = False,
         segment_bytes: int = 256 << 20,
         compression: Literal["zstd", "lz4"] | None = "zstd",
+        start_step: int | None = None,
     ):
         if on_full not in ("block", "drop"):
             raise ValueError(f"on_full must be 'block' or 'drop', got {on_full!r}")
@@ -102,6 +108,10 @@ class RunWriter:
             raise ValueError("max_pending must be >= 1")
         if flush_interval <= 0:
             raise ValueError("flush_interval must be > 0")
+        if start_step is not None and not (
+            isinstance(start_step, int) and not isinstance(start_step, bool) and start_step >= 0
+        ):
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
         self.path = os.fspath(path)
         self.rank = int(rank)
         self.flush_interval = float(flush_interval)
@@ -155,6 +165,7 @@ class RunWriter:
         )
         try:
             self._open_directory()
+            self._manifest.begin_attempt(start_step)
             self._segments.number_after_existing()
             self._manifest.write_start()
         except OSError as exc:
@@ -280,6 +291,16 @@ class RunWriter:
         self.close()
 
     @property
+    def attempt(self) -> int:
+        """This writer's attempt in the run directory (0 in a new one)."""
+        return self._manifest.attempt
+
+    @property
+    def start_step(self) -> int:
+        """The step this attempt starts at (``start_step``, or after the last recorded)."""
+        return self._manifest.start_step
+
+    @property
     def pending(self) -> int:
         """Items currently queued."""
         return len(self._queue)
@@ -398,7 +419,9 @@ class RunWriter:
             return
         builders = self._build(items)
         # the torchvitals/dropped row is not a submitted item: not lost if its batch fails
-        synthetic = self._dropped_row.add_if_changed(builders, self._queue.dropped, self.rank)
+        synthetic = self._dropped_row.add_if_changed(
+            builders, self._queue.dropped, self.rank, self.attempt
+        )
         written = []
         failed = False
         for table, b in builders.items():
@@ -432,7 +455,7 @@ class RunWriter:
         for table, cols in items:
             b = builders.get(table)
             if b is None:
-                b = builders[table] = TableBuilder(table, self.rank)
+                b = builders[table] = TableBuilder(table, self.rank, self.attempt)
             try:
                 b.add(cols() if callable(cols) else cols)
             except Exception as exc:
@@ -457,13 +480,15 @@ class _DroppedRow:
         if step is not None:
             self._max_step = max(self._max_step, step)
 
-    def add_if_changed(self, builders: dict[str, TableBuilder], dropped: int, rank: int) -> int:
+    def add_if_changed(
+        self, builders: dict[str, TableBuilder], dropped: int, rank: int, attempt: int
+    ) -> int:
         """Add a row to the ``scalars`` builder if the count changed; the rows added (0 or 1)."""
         if dropped == self._recorded:
             return 0
         b = builders.get("scalars")
         if b is None:
-            b = builders["scalars"] = TableBuilder("scalars", rank)
+            b = builders["scalars"] = TableBuilder("scalars", rank, attempt)
         b.add({"step": self._max_step, "name": DROPPED_SCALAR, "value": float(dropped)})
         self._recorded = dropped
         return 1
