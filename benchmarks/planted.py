@@ -1,6 +1,8 @@
 """The planted-intervention suite: small real CPU training runs recorded with the Monitor,
 each with a known intervention at a known step and layer, scored for kind, step, layer
-and attribution (``tests/training_runs.py``: ``PLANTED`` builds them, ``score`` scores one).
+and attribution (``tests/training_runs.py``: ``PLANTED`` builds them, ``score`` scores one;
+``tests/analysis/planted_cases.py`` adds the harder cases and checks one row per
+phenomenon and the layers an attribution must name).
 
 Usage: ``PYTHONPATH=python python benchmarks/planted.py [--seeds 0 1 2] [--cases a,b]``.
 Prints per case and seed whether it passed, then precision / recall / F1 and the onset
@@ -23,7 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "analysis"))
 
+import planted_cases as pc  # noqa: E402
 import training_runs as tr  # noqa: E402
 
 from torchvitals import detect_events, load_run  # noqa: E402
@@ -46,7 +50,7 @@ def build(name: str, path: Path, seed: int):
         )  # fmt: skip
     if name == "corrupt_batch":
         return tr.planted_corrupt_batch(path, seed=seed, at=at + 50)
-    return tr.PLANTED[name](path, seed=seed)
+    return pc.PLANTED[name](path, seed=seed)
 
 
 def prf(tp, fp, fn):
@@ -59,7 +63,7 @@ def prf(tp, fp, fn):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--cases", default=",".join(tr.PLANTED))
+    ap.add_argument("--cases", default=",".join(pc.PLANTED))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
                 run = load_run(path)
                 _, loss, _, _ = series_from_run(run)
                 events = detect_events(run)
-                sc = tr.score(events, truth, loss)
+                sc = pc.score(events, truth, loss)
                 for k, (tp, fp, fn) in sc["kinds"].items():
                     cell = totals.setdefault(k, [0, 0, 0])
                     cell[0], cell[1], cell[2] = cell[0] + tp, cell[1] + fp, cell[2] + fn
@@ -96,7 +100,7 @@ def main(argv=None) -> int:
                 print("\n".join(lines[-1 - len(sc["failures"]) :]), flush=True)
     head = f"{'kind':14s} {'P':>5s} {'R':>5s} {'F1':>5s}  tp/fp/fn   onset error (median, max)"
     out = [
-        f"Planted-intervention suite (tests/training_runs.py PLANTED); onset tolerance "
+        f"Planted-intervention suite (tests/analysis/planted_cases.py PLANTED); onset tolerance "
         f"{tr.STEP_TOL} steps",
         *lines,
         "",
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
     out.append(f"{'overall':14s} {p:5.2f} {r:5.2f} {f:5.2f}  {all3[0]}/{all3[1]}/{all3[2]}")
     print("\n".join(out[len(lines) + 2 :]))
     res = ROOT / "benchmarks" / "results" / "planted.txt"
-    if args.seeds == [0, 1, 2] and args.cases == ",".join(tr.PLANTED):
+    if args.seeds == [0, 1, 2] and args.cases == ",".join(pc.PLANTED):
         res.write_text("\n".join(out) + "\n")
     return 0 if n_pass == n_all else 1
 

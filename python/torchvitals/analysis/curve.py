@@ -100,10 +100,40 @@ def analyse_curve(step, x, lr=None, higher_is_better=False, metric="loss"):
     imps = merge_continuing(imps, plateaus, scale.kind != "asinh")
     lrs = lr_events(step, y, index, lr, scale, metric) if lr is not None else []
     kept = _merge_lr(lrs, [t[0] for t in imps], step)
+    if div is not None:
+        lrs = _fold_lr_rise(lrs, div, step)
     events.extend(lrs)
     events.extend(e for e in (t[0] for t in imps) if id(e) in kept)
     events.extend(plateaus)
     return events, ctx
+
+
+def _near_lr_change(ev: Event, at: int, step) -> bool:
+    """Whether ``at`` is within the loss-response window of the LR change ``ev``."""
+    s_c = ev.evidence["lr_change_step"]
+    span = max(1, int(step[-1] - step[0]))
+    win = max(ev.evidence.get("window_points", 5), 3) * span / max(1, step.size - 1)
+    return s_c - 0.5 * win <= at <= s_c + win
+
+
+def _fold_lr_rise(lrs, div: Event, step) -> list[Event]:
+    """One event per phenomenon: a divergence that starts right after an LR rise is what
+    the rise did; the rise is folded into it (its LR numbers in the divergence's evidence,
+    named in its cause) instead of a second row."""
+    out = []
+    for ev in lrs:
+        if (
+            ev.kind == "lr_rise"
+            and "lr_change_step" in ev.evidence
+            and _near_lr_change(ev, div.step, step)
+        ):
+            e = ev.evidence
+            for k in ("lr_before", "lr_after", "lr_ratio", "lr_change_step"):
+                div.evidence[k] = e[k]
+            div.cause += f" after the LR rose x{e['lr_ratio']:.3g} at step {ev.step}"
+            continue
+        out.append(ev)
+    return out
 
 
 def _merge_lr(lrs, imps, step) -> set[int]:
@@ -111,16 +141,14 @@ def _merge_lr(lrs, imps, step) -> set[int]:
     is folded into that ``lr_drop`` (anchored at the LR change). Returns the ids of the
     improvements that stay events of their own."""
     kept = {id(e) for e in imps}
-    span = max(1, int(step[-1] - step[0]))
     for imp in imps:
         best = None
         for ev in lrs:
             if ev.kind != "lr_drop":
                 continue
             s_c = ev.evidence["lr_change_step"]
-            win = max(ev.evidence.get("window_points", 5), 3) * span / max(1, step.size - 1)
             same = imp.evidence.get("lr_change_step") == s_c
-            close = same or (s_c - 0.5 * win <= imp.step <= s_c + win)
+            close = same or _near_lr_change(ev, imp.step, step)
             if close and (best is None or abs(imp.step - s_c) < abs(best.step - s_c)):
                 best = ev
         if best is None:

@@ -1,6 +1,7 @@
 """Gradual divergence: the smoothed curve ends well above its minimum.
 
-The rise must be at least ``max(6 sigma, log 1.25)``, the curve near its worst at the end.
+The rise (the median of the last twentieth against the lowest rolling median of a window)
+must be at least ``max(6 standard errors, log 1.25)``, the curve near its worst at the end.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def level_divergence(ctx: CurveContext, metric: str):
     imin = int(np.argmin(s[: m - tail]))
     final = float(np.median(c[m - tail :]))
     rise = final - float(s[imin])
-    sig_c = diff_noise(c)
-    if rise < max(6 * sig_c, DIV_MIN):
+    # six standard errors of the difference of two medians (of ``w`` and ``tail`` points):
+    # a level shift, not one noisy point
+    se = 1.2533 * diff_noise(c) * math.sqrt(1.0 / w + 1.0 / tail)
+    if rise < max(6 * se, DIV_MIN):
         return None
     lin = ctx.scale.linear
     lmin = float(lin(s[imin]))
