@@ -109,7 +109,7 @@ def test_watch_re_renders_as_the_run_grows_and_ends_with_the_report(tmp_path, ca
     # Rendered at each of the four refreshes of the growing run, each time a new page.
     assert None not in pages[:4] and len(set(pages[:4])) == 4
     status = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
-    assert len(status) == 4 and status[-1].split(" step ")[1].startswith("199:")
+    assert len(status) == 4 and status[-1].split(" step ")[1].startswith("199 loss ")
 
     # Bytes read follow what is new (40, 40, 80, 40 steps), not the size of the run.
     per_step = reads[1] / 40

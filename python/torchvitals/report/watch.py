@@ -274,6 +274,10 @@ def watch(
     watcher = RunWatcher(args.run)
     shown: set[str] = set()
     rendered = None
+    console.print(
+        f"watching {args.run} every {args.interval:g} s until it closes (Ctrl-C to stop); "
+        f"report: {out}"
+    )
     try:
         while True:
             refresh = watcher.refresh()
@@ -295,7 +299,8 @@ def watch(
                 events = _detect(arrays, args)
                 write_report(run, events, out, layers=args.layers, arrays=arrays)
                 rendered = rows
-                console.print(_status(arrays, events, refresh, out), overflow="ellipsis")
+                status = _status(arrays, events, refresh, args.metric)
+                console.print(status, overflow="ellipsis", no_wrap=True, crop=True)
             elif not run.scalars.num_rows:
                 console.print(f"{time.strftime('%H:%M:%S')} waiting for data in {args.run}")
             if on_refresh is not None:
@@ -306,11 +311,11 @@ def watch(
         return 0
 
 
-def _status(arrays, events, refresh: Refresh, out: Path) -> str:
+def _status(arrays, events, refresh: Refresh, metric: str) -> str:
     step, values = arrays[0], arrays[1]
     worst = sum(e.severity != "info" for e in events)
     kb = refresh.bytes_read / 1024
     return (
-        f"{time.strftime('%H:%M:%S')} step {int(step[-1])}: {values[-1]:.4g}, "
-        f"{len(events)} events ({worst} warning+), read {kb:.1f} KiB; {out}"
+        f"{time.strftime('%H:%M:%S')} step {int(step[-1])} {metric} {values[-1]:.4g} | "
+        f"{len(events)} event(s), {worst} warning+ | read {kb:.1f} KiB"
     )
