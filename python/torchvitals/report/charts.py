@@ -175,7 +175,7 @@ SCRIPT = r"""
       rows[r] = px + w;
       placed.push({ev: ev, px: px, row: r});
     });
-    var band = 14 * Math.max(rows.length, 1) + 6, top = band + 8, bottom = top + PLOT_H;
+    var band = rows.length ? 14 * rows.length + 6 : 0, top = band + 8, bottom = top + PLOT_H;
     var legendRows = Math.ceil(all.length / 5);
     var H = bottom + 42 + 16 * legendRows;
     svg.setAttribute("viewBox", "0 0 " + W + " " + H);

@@ -180,7 +180,7 @@ def _heatmap_section(step: np.ndarray, series: dict[str, np.ndarray], metric: st
         if not positive.size:
             return head + "<p class='none'>Every value is 0.</p>"
         scale = Scale(float(np.log10(positive.min())), float(np.log10(positive.max())),
-                      f"log10 {label}", log=True)  # fmt: skip
+                      f"{label} (log scale)", log=True)  # fmt: skip
     else:
         if not (finite > 0).any():
             return head + (f"<p class='none'>Measured on {len(names)} layers: 0 at every "
@@ -411,7 +411,8 @@ the layer had a NaN or inf, plus 0.2 per decade that its gradient norm spanned
 
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em;
+  max-width: 1200px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
 th { background: #f3f3f3; }
