@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -341,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"torchvitals {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `torchvitals events RUN | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except ModuleNotFoundError as exc:
         package = (exc.name or "").partition(".")[0]
         if package not in OPTIONAL:
