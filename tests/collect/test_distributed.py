@@ -5,6 +5,7 @@ exact merge on shards made by hand."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from torchvitals.store.merge import (
     merge_ranks,
     rank_coverage,
     shard_holders,
+    whole_layer_rows,
 )
 from torchvitals.store.reader import load_run
 from torchvitals.store.writer import RunWriter
@@ -152,10 +154,17 @@ def test_ddp_grads_once_on_rank0_activations_per_rank(tmp_path, reference):
         np.testing.assert_allclose(live_norm, ref_norm, rtol=1e-5)
 
 
-def test_fsdp2_shards_merge_into_the_full_parameters(tmp_path, reference):
-    path = tmp_path / "run"
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """A 2-rank FSDP2 run (each rank a shard of every parameter), as the ranks wrote it."""
+    path = tmp_path_factory.mktemp("fsdp") / "run"
     results = launch("fsdp", path)
     assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    return path
+
+
+def test_fsdp2_shards_merge_into_the_full_parameters(fsdp_run, reference):
+    path = fsdp_run
     with warnings.catch_warnings():
         warnings.simplefilter("error", MissingRanksWarning)
         run = load_run(path, merge=merge_ranks)
@@ -166,8 +175,11 @@ def test_fsdp2_shards_merge_into_the_full_parameters(tmp_path, reference):
         rows = local[r][(local[r]["kind"] == "grad") & (local[r]["step"] == 0)]
         assert rows.set_index("layer")["numel"].astype(int).to_dict()["4.bias"] == 2 - r
     grads = param_rows(run, "grad")
-    assert set(grads["rank"]) == {MERGED_RANK}
+    assert set(grads["rank"]) == {MERGED_RANK} and (grads["shards_complete"] == 1).all()
     assert_same_param_stats(grads, param_rows(reference, "grad"))
+    acts = run.to_pandas("layers").query("kind == 'act'")
+    assert acts["shards_complete"].isna().all()  # not a sharded parameter's row
+    assert whole_layer_rows(run.layers).equals(run.layers)
 
     weights, ref_weights = param_rows(run, "weight"), param_rows(reference, "weight")
     assert_same_param_stats(weights, ref_weights)
@@ -200,6 +212,34 @@ def test_fsdp2_shards_merge_into_the_full_parameters(tmp_path, reference):
     assert shard_holders(run.manifests) == {name: {0, 1} for name in PARAMS}
 
 
+def test_a_missing_ranks_partial_shards_are_never_whole_layers(fsdp_run, reference, tmp_path):
+    path = tmp_path / "run"
+    shutil.copytree(fsdp_run, path)
+    for f in path.glob("*.rank1.*"):  # rank 1's manifest and segments lost
+        f.unlink()
+    with pytest.warns(MissingRanksWarning) as caught:
+        run = load_run(path, merge=merge_ranks)
+    incomplete = [str(w.message) for w in caught if "are incomplete" in str(w.message)]
+    assert len(incomplete) == 2  # layers and hist
+    assert f"for {', '.join(sorted(PARAMS))}; " in incomplete[0]
+    assert "shards_complete = 0" in incomplete[0]
+
+    # rank 0's half-shards are kept as they are, flagged: their norms are not the layer's
+    grads = param_rows(run, "grad")
+    assert set(grads["rank"]) == {0} and (grads["shards_complete"] == 0).all()
+    whole = param_rows(reference, "grad")
+    assert (np.sqrt(grads["sumsq"]) < np.sqrt(whole["sumsq"])).all()
+    assert (grads["numel"] < whole["numel"]).all()
+    for table in ("layers", "hist"):
+        kept = whole_layer_rows(run.table(table)).to_pandas().astype({"kind": str})
+        assert set(kept["kind"]) == {"act"}, table  # every parameter row was partial
+        assert set(kept["rank"]) == {0} and kept["shards_complete"].isna().all()
+    # activations are whole per rank: unchanged
+    acts = run.to_pandas("layers").query("kind == 'act'").reset_index(drop=True)
+    kept = whole_layer_rows(run.layers).to_pandas().reset_index(drop=True)
+    assert acts.drop(columns="shards_complete").equals(kept.drop(columns="shards_complete"))
+
+
 def test_rank_killed_mid_run_leaves_the_other_readable(tmp_path):
     path = tmp_path / "run"
     (rc0, _), (rc1, _) = launch("fsdp_kill", path)
@@ -222,6 +262,9 @@ def test_rank_killed_mid_run_leaves_the_other_readable(tmp_path):
     assert set(complete["rank"]) == {MERGED_RANK}
     partial = grads.loc[list(range(FLUSHED_UNTIL, KILL_AT))]
     assert set(partial["rank"]) == {0}  # rank 0's shards alone: kept, not merged
+    assert (complete["shards_complete"] == 1).all() and (partial["shards_complete"] == 0).all()
+    whole = whole_layer_rows(run.layers).to_pandas().query("kind == 'grad'")
+    assert sorted(set(whole["step"])) == list(range(FLUSHED_UNTIL))
     coverage = rank_coverage(run.per_rank["scalars"], run.manifests)
     assert coverage.missing_steps[1] == list(range(FLUSHED_UNTIL, KILL_AT))
     assert coverage.unclosed == (1,) and not coverage.complete

@@ -24,8 +24,11 @@ during training. What is merged:
 Missing ranks: a rank that wrote nothing, or has no data for steps other ranks
 recorded (killed, or records dropped), is reported with a :class:`MissingRanksWarning`
 naming the rank(s) and the steps. Shards of a step with a rank missing cannot be
-combined: those rows are kept unmerged, with their own rank, so a ``rank = -1`` row is
-always a complete parameter. :func:`rank_coverage` gives the same report as data.
+combined: those rows are kept unmerged, with their own rank and ``shards_complete``
+0 (the merged rows have 1, every other row null), so a ``rank = -1`` row is
+always a complete parameter and a partial one is never taken for a whole one:
+:func:`whole_layer_rows` leaves the partial rows out. :func:`rank_coverage` gives the
+same report as data.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ __all__ = [
     "shard_holders",
     "supersede",
     "superseded_rows",
+    "whole_layer_rows",
 ]
 
 #: ``rank`` of a row merged from the shards of all ranks.
@@ -146,6 +150,14 @@ def supersede(
         report.rows += int(drop.sum())
         kept[rank] = table.filter(pa.array(~drop))
     return kept, report
+
+
+def whole_layer_rows(table: pa.Table) -> pa.Table:
+    """``table`` (``layers`` or ``hist`` as :func:`merge_ranks` returns it) without the
+    rows of a shard left unmerged (``shards_complete`` 0: a rank's part of a sharded
+    parameter whose other shards are missing). What is left describes whole tensors: use
+    it wherever a row is read as a layer's statistic (norms, counts, histograms)."""
+    return table.filter(pc.not_equal(pc.fill_null(table.column("shards_complete"), 1), 0))
 
 
 def superseded_rows(table: pa.Table) -> int:
@@ -457,7 +469,13 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
     kept = np.ones(table.num_rows, dtype=bool)
     group_of_row = np.repeat(np.arange(len(starts)), sizes)
     kept[shard_pos[order[complete[group_of_row]]]] = False
-    parts = [table.take(np.flatnonzero(kept))]
+    rest = table.take(np.flatnonzero(kept))
+    if not complete.all():  # the shards left unmerged are part of a parameter only
+        i = rest.schema.get_field_index("shards_complete")
+        partial = pa.array(is_shard[kept])
+        flag = pc.if_else(partial, pa.scalar(0, pa.int8()), rest.column(i))
+        rest = rest.set_column(i, rest.schema.field(i), flag)
+    parts = [rest]
 
     if complete.any():
         first = np.minimum.reduceat(order, starts)
@@ -468,6 +486,7 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
             "attempt": _group_reduce(shards.column("attempt"), order, starts, np.maximum),
             "layer": _labels(layer_labels, s_layer[starts]),
             "kind": _labels(kind_labels, kind_codes[order][starts]),
+            "shards_complete": pa.array(np.ones(len(starts), dtype=np.int8)),
         }
         if name == "layers":
             for key in LAYER_STATS:
@@ -488,15 +507,22 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
     if not complete.all():
         missing: set[int] = set()
         steps: set[int] = set()
+        layers: set[str] = set()
         for g in np.flatnonzero(~complete):
             rows = slice(starts[g], starts[g] + sizes[g])
             missing |= expected[s_layer[starts[g]]] - set(s_rank[rows].tolist())
             steps.add(int(step[order][starts[g]]))
+            layers.add(layer_labels[s_layer[starts[g]]])
         who = f"rank(s) {', '.join(map(str, sorted(missing)))}" if missing else "no rank"
+        names = ", ".join(sorted(layers)[:8]) + (
+            f", ... ({len(layers)})" if len(layers) > 8 else ""
+        )
         warnings.warn(
             f"torchvitals: merging {name!r}: shards of {int((~complete).sum())} "
             f"parameter row(s) at step(s) {_ranges(sorted(steps))} are incomplete "
-            f"(missing {who}); those rows are kept per rank, unmerged",
+            f"(missing {who}) for {names}; those rows are kept per rank, unmerged, with "
+            "shards_complete = 0: each describes part of its parameter, never the whole "
+            "(whole_layer_rows leaves them out)",
             MissingRanksWarning,
             stacklevel=4,
         )

@@ -14,7 +14,8 @@ History: 2 added ``layers.large`` and writes ``dead_units``, ``saturated`` and
 and counted |x| >= 6 on linear layers as ``saturated``). 3: attempt, shards_complete (and
 hist.neg_counts): every table's ``attempt`` (a run resumed in its directory; null in
 older runs, read as the first attempt) with the manifest's ``attempts``;
-``layers.shards_complete``; the manifest's sharding layout without ``recorded_by``.
+``shards_complete`` in ``layers`` and ``hist``; the manifest's sharding layout without
+``recorded_by``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ _KIND = pa.field("kind", DICT_STRING, nullable=False)
 #: Which attempt of the rank wrote the row: 0, then one more each time a writer resumes
 #: the run in its directory (schema version 3; null in older runs: the first attempt).
 _ATTEMPT = pa.field("attempt", pa.int32())
+#: Rows of a sharded parameter (schema version 3), set when the run is read: 1 on a row
+#: merged from every shard (rank -1), 0 on a shard's row left unmerged because other
+#: shards of its step are missing (it describes part of the parameter only); null on
+#: every other row. ``torchvitals.store.merge.whole_layer_rows`` keeps the whole ones.
+#: (int8 rather than bool: every column of a segment has an integer form for its
+#: checksums, see compaction.py.)
+_SHARDS_COMPLETE = pa.field("shards_complete", pa.int8())
 
 #: Long format: one row per (step, name).
 SCALARS = pa.schema(
@@ -89,13 +97,21 @@ LAYERS = pa.schema(
     + [pa.field(c, pa.int64()) for c in COUNT_KEYS]
     + [pa.field(c, pa.float64()) for c in MOMENT_KEYS]
     # Elements with |x| >= 6 in a linear layer's or norm's output (schema version 2).
-    + [pa.field("large", pa.int64())],
+    + [pa.field("large", pa.int64()), _SHARDS_COMPLETE],
     metadata=_meta("layers"),
 )
 
 #: One row per (step, layer, kind); ``counts`` uses the bins of ``hist_edges`` in the manifest.
 HIST = pa.schema(
-    [_STEP, _RANK, _ATTEMPT, _LAYER, _KIND, pa.field("counts", pa.list_(pa.int64()))],
+    [
+        _STEP,
+        _RANK,
+        _ATTEMPT,
+        _LAYER,
+        _KIND,
+        pa.field("counts", pa.list_(pa.int64())),
+        _SHARDS_COMPLETE,
+    ],
     metadata=_meta("hist"),
 )
 
