@@ -109,3 +109,36 @@ def test_small_row_groups_scan_the_same(tmp_path, monkeypatch):
     got = series_from_run(tmp_path)
     for key in want[3]:
         np.testing.assert_array_equal(got[3][key], want[3][key], err_msg=key)
+
+
+def test_sharded_parameters_merge_the_same_chunk_by_chunk(tmp_path, monkeypatch):
+    """Shards of a parameter on two ranks combine into rank -1 rows: the same per chunk."""
+    rng = np.random.default_rng(11)
+    dist = {"grads_on": "rank0", "sharded": {"fc.weight": {"recorded_by": [0, 1]}}}
+    for rank in range(2):
+        manifest = {"world_size": 2, "distributed": dist, "layers": [{"name": "fc"}]}
+        with RunWriter(tmp_path, manifest=manifest, rank=rank, on_full="block",
+                       segment_bytes=3000) as w:  # fmt: skip
+            for step in range(50):
+                w.submit("scalars", {"step": step, "name": ["loss", "grad_norm"],
+                                     "value": rng.random(2)})  # fmt: skip
+                w.submit("layers", {"step": step, "layer": ["fc.weight", "fc"],
+                                    "kind": ["grad", "act"], "numel": [6, 4],
+                                    "sumsq": rng.random(2), "max_abs": rng.random(2)})  # fmt: skip
+                w.submit("hist", {"step": step, "layer": ["fc.weight"], "kind": ["grad"],
+                                  "counts": rng.integers(0, 9, (1, 5))})  # fmt: skip
+                if step % 4 == 0:
+                    w.flush()
+    monkeypatch.setattr(scan, "CHUNK_ROWS", 7)
+    run = load_run(tmp_path)
+    assert (run.layers["rank"].to_numpy() == -1).sum() == 50  # merged: one row per step
+    scanned = scan_run(tmp_path)
+    layers = pa.concat_tables(list(scanned.chunks("layers")))
+    assert layers.unify_dictionaries().combine_chunks().to_pylist() == run.layers.to_pylist()
+    assert scanned.scalars.to_pylist() == run.scalars.to_pylist()
+    got, want = scanned.histogram("fc.weight", "grad"), histogram_matrix(run, "fc.weight", "grad")
+    np.testing.assert_array_equal(got[1], want[1])
+    a, b = series_from_run(tmp_path), series_from_run(run)
+    assert list(a[3]) == list(b[3])
+    for key in b[3]:
+        np.testing.assert_array_equal(a[3][key], b[3][key], err_msg=key)

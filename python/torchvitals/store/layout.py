@@ -54,6 +54,7 @@ __all__ = [
     "manifest_bytes",
     "manifest_checksum",
     "manifest_name",
+    "open_regular_file",
     "parse_manifest_name",
     "parse_segment_file",
     "parse_segment_name",
@@ -306,6 +307,27 @@ def _kind(mode: int) -> str:
         if test(mode):
             return what
     return "not a regular file"
+
+
+def open_regular_file(path: str | os.PathLike[str], limit: int):
+    """The regular file at ``path`` opened for reading (a binary file object), checked as
+    :func:`read_regular_file` checks it (no FIFO, device or directory; at most ``limit``
+    bytes), for readers that read parts of it (Parquet row groups)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(
+                errno.EINVAL, f"not a regular file ({_kind(st.st_mode)}); not read", os.fspath(path)
+            )
+        if st.st_size > limit:
+            raise ValueError(
+                f"{os.fspath(path)}: {st.st_size} bytes, more than the {limit} allowed"
+            )
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
