@@ -168,3 +168,22 @@ def test_incremental_reading_of_files_cut_at_random_bytes(tmp_path):
     assert watcher.refresh().bytes_read == 0
     for table in ("scalars", "layers", "hist"):
         assert sorted_rows(run.tables[table]) == sorted_rows(expected.tables[table])
+
+
+def test_ctrl_c_stops_watching_a_live_run_and_names_the_last_report(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path, out = tmp_path / "run", tmp_path / "watched.html"
+    child = Child(path)
+    try:
+        child.send("30")
+
+        def interrupted(_seconds):
+            raise KeyboardInterrupt
+
+        args = build_parser().parse_args(["report", str(path), "--watch", "--out", str(out)])
+        assert watch(args, sleep=interrupted) == 0
+    finally:
+        child.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert "".join(lines[-2:]).replace(" ", "").endswith(f"lastreport:{out}".replace(" ", ""))
+    assert "<html" in out.read_text(encoding="utf-8")
