@@ -143,7 +143,7 @@ def test_every_recorded_histogram_can_be_shown(deep):
     shown = set(
         re.findall(r"<div class='hist[^']*' data-layer='([^']*)' data-kind='([^']*)'>", store)
     )
-    hists = histogram_series(run)
+    hists = dict(histogram_series(run))
     assert shown == set(hists) and len(shown) > 300
     options = re.findall(r"<option value='([^']*)' data-kinds='([^']*)'>", text)
     assert {layer for layer, _ in options} == {layer for layer, _ in hists}
@@ -153,7 +153,7 @@ def test_every_recorded_histogram_can_be_shown(deep):
 
 def test_histogram_series_agrees_with_histogram_matrix(deep):
     run, _, _ = deep
-    hists = histogram_series(run)
+    hists = dict(histogram_series(run))
     rng = np.random.default_rng()
     for i in rng.choice(len(hists), 12, replace=False):
         (layer, kind), h = list(hists.items())[i]
@@ -183,7 +183,7 @@ def signed_table(rng, steps: int = 6) -> pa.Table:
 def test_signed_histograms_from_neg_counts():
     rng = np.random.default_rng()
     table = signed_table(rng)
-    hists = histogram_series(SimpleNamespace(hist=table))
+    hists = dict(histogram_series(SimpleNamespace(hist=table)))
     assert hists[("old", "grad")].neg is None
     for layer in ("pos", "neg", "mixed"):
         h = hists[(layer, "grad")]

@@ -18,7 +18,7 @@ both render these and compute nothing of their own.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -206,18 +206,20 @@ def histogram_matrix(run: Run, layer: str, kind: str) -> tuple[np.ndarray, np.nd
         return None
     rows = rows.filter(pc.equal(rows["rank"], pc.min(rows["rank"])))  # merged rows (-1) first
     counts, _ = _list_rows(rows["counts"])
-    return rows["step"].to_numpy(), counts.T  # [bins, steps]
+    return rows["step"].to_numpy(), counts.T.astype(np.float64)  # [bins, steps]
 
 
 def _list_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list column of equal-length rows as a float64 ``[rows, bins]`` matrix (NaN rows
-    where null) and the mask of its non-null rows."""
+    """A list column of equal-length rows as an int64 ``[rows, bins]`` matrix (a view of
+    Arrow's buffer when no row is null; null rows hold 0) and the mask of its non-null rows."""
     col = column.combine_chunks()
     valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    if valid.all():
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(len(col), -1), valid
     flat = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-    width = flat.size // max(int(valid.sum()), 1)
-    out = np.full((len(col), width), np.nan)
-    out[valid] = flat.reshape(-1, width)
+    out = np.zeros((len(col), flat.size // max(int(valid.sum()), 1)), dtype=np.int64)
+    out[valid] = flat.reshape(int(valid.sum()), -1)
     return out, valid
 
 
@@ -232,12 +234,14 @@ class HistogramSeries:
     neg: np.ndarray | None = None
 
 
-def histogram_series(run: Run) -> dict[tuple[str, str], HistogramSeries]:
-    """Every ``(layer, kind)`` histogram of ``run.hist``, read in one pass (as
-    :func:`histogram_matrix` reads one), in the order the pairs first appear."""
+def histogram_series(run: Run) -> Iterator[tuple[tuple[str, str], HistogramSeries]]:
+    """Every ``(layer, kind)`` histogram of ``run.hist`` with its series, in the order the
+    pairs first appear, as :func:`histogram_matrix` reads one. The table is read once;
+    each series is made (float64) as it is asked for, so a caller that renders and drops
+    them holds one at a time besides the table."""
     table = getattr(run, "hist", None)
     if table is None or table.num_rows == 0:
-        return {}
+        return
     lcodes, lnames = dictionary_codes(table.column("layer"))
     kcodes, knames = dictionary_codes(table.column("kind"))
     keep = np.flatnonzero(_one_rank(table, lcodes, kcodes))  # merged rows (-1) win
@@ -248,18 +252,18 @@ def histogram_series(run: Run) -> dict[tuple[str, str], HistogramSeries]:
     steps = table["step"].to_numpy()
     key = lcodes.astype(np.int64) * len(knames) + kcodes
     rows = keep[np.argsort(key[keep], kind="stable")]  # stable: stored (step) order kept
-    bounds = np.flatnonzero(np.diff(key[rows])) + 1
-    found = {}
-    for part in np.split(rows, bounds):
-        if not part.size:
-            continue
+    parts = [p for p in np.split(rows, np.flatnonzero(np.diff(key[rows])) + 1) if p.size]
+    for part in sorted(parts, key=lambda p: p[0]):
         k = int(key[part[0]])
         signed = neg is not None and bool(neg_valid[part].all())
-        found[(part.min(), k)] = (
+        yield (
             (lnames[k // len(knames)], knames[k % len(knames)]),
-            HistogramSeries(steps[part], counts[part].T, neg[part].T if signed else None),
+            HistogramSeries(
+                steps[part],
+                counts[part].T.astype(np.float64),
+                neg[part].T.astype(np.float64) if signed else None,
+            ),
         )
-    return dict(found[i] for i in sorted(found))
 
 
 def featured_layers(

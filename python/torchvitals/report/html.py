@@ -246,17 +246,21 @@ def _hist_figure(layer: str, kind: str, h: HistogramSeries, height: int) -> str 
 
 
 def _histogram_section(run: Run, featured: Sequence[str]) -> str:
-    hists = histogram_series(run)
-    if not hists:
+    shown = list(dict.fromkeys(featured))[:FEATURED]
+    figures: dict[tuple[str, str], str] = {}
+    tiles: dict[tuple[str, str], str] = {}
+    for key, h in histogram_series(run):  # one series in memory at a time
+        figure = _hist_figure(*key, h, height=260)
+        if figure is None:
+            continue
+        figures[key] = figure
+        if key[0] in shown:
+            tiles[key] = _hist_figure(*key, h, height=110) or ""
+    if not figures:
         return "<h2>Histograms over steps</h2><p class='none'>This run recorded no histograms.</p>"
-    figures = {key: _hist_figure(*key, h, height=260) for key, h in hists.items()}
-    figures = {key: f for key, f in figures.items() if f is not None}
     kinds = list(dict.fromkeys(k for _, k in figures))
     grid = "".join(
-        _hist_figure(layer, kind, hists[(layer, kind)], height=110) or ""
-        for layer in list(dict.fromkeys(featured))[:FEATURED]
-        for kind in kinds
-        if (layer, kind) in figures
+        tiles[(layer, kind)] for layer in shown for kind in kinds if (layer, kind) in tiles
     )
     layers = layer_order(run, list(dict.fromkeys(layer for layer, _ in figures)))
     has = {layer: [k for k in kinds if (layer, k) in figures] for layer in layers}
