@@ -109,13 +109,20 @@ def colorbar(scale: Scale) -> str:
 
 
 def step_axis(steps: np.ndarray) -> str:
-    """Five step labels under an image, at their places along it."""
+    """Round step labels under an image (about five), each at its column: ``steps`` are
+    the first steps of the image's columns."""
     if steps.size == 0:
         return ""
     lo, hi = int(steps[0]), int(steps[-1])
-    ticks = sorted({round(float(v)) for v in np.linspace(lo, hi, 5)})
+    raw = max((hi - lo) / 5, 1)
+    base = 10 ** np.floor(np.log10(raw))
+    every = int(next(m * base for m in (1, 2, 5, 10) if m * base >= raw))
+    ticks = range(-(-lo // every) * every, hi + 1, every)
+    # a step's place: its (fractional) column, from the columns' first steps
+    where = np.interp(list(ticks), steps, np.arange(steps.size)) + 0.5
     spans = "".join(
-        f"<span style='left:{(t - lo) / max(hi - lo, 1) * 100:.2f}%'>{t}</span>" for t in ticks
+        f"<span style='left:{x / steps.size * 100:.2f}%'>{t}</span>"
+        for t, x in zip(ticks, where, strict=True)
     )
     return f"<div class='xaxis'>{spans}</div><div class='xlabel'>step</div>"
 
