@@ -166,9 +166,9 @@ def _heatmap_section(step: np.ndarray, series: dict[str, np.ndarray], metric: st
             if metric in NOT_MEASURED
             else ""
         )
-    matrix, cols = block_mean(
-        np.stack([series[f"{metric}/{n}"] for n in names]), step, HEATMAP_COLUMNS
-    )
+    matrix = np.stack([series[f"{metric}/{n}"] for n in names])
+    recorded = np.isfinite(matrix).any(axis=0)  # weights are recorded every k steps only
+    matrix, cols = block_mean(matrix[:, recorded], step[recorded], HEATMAP_COLUMNS)
     groups = layer_groups(names)
     grouped = len(names) > FLAT_ROWS and len(groups) < len(names)
     pos = {n: i for i, n in enumerate(names)}
