@@ -11,6 +11,7 @@ import textwrap
 import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -129,6 +130,55 @@ def test_step_from_a_second_thread_is_an_error_naming_the_owner(tmp_path):
     mon.close()
     assert len(errors) == 1 and "'intruder'" in errors[0] and "'MainThread'" in errors[0]
     assert torchvitals.load_run(tmp_path / "run").scalar("loss")[1].tolist() == [1.0, 3.0]
+
+
+def test_a_step_abandoned_in_backward_is_discarded_whole(tmp_path):
+    """An exception in backward (here a backward hook; a NaN check would do the same),
+    caught by the loop, which goes on with the next batch: the abandoned step's
+    activations and activation gradients are discarded at the next forward, and the
+    step is recorded from the batch that completed it, as if the failure never was."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(5, 4, generator=gen) for _ in range(5)]
+    fails = {2}  # the third batch's backward raises
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def raise_at(i):
+        def hook(module, grad_input, grad_output):
+            if i in fails:
+                raise RuntimeError("non-finite gradient")
+
+        return hook
+
+    def train(path, used):
+        model, opt = make()
+        with torchvitals.Monitor(model, path, optimizer=opt, act_grads=True) as mon:
+            for i in used:
+                handle = model[1].register_full_backward_hook(raise_at(i))
+                try:
+                    loss = model(batches[i]).pow(2).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                except RuntimeError:
+                    continue
+                finally:
+                    handle.remove()
+                opt.step()
+                mon.step(loss=loss)
+        df = torchvitals.load_run(path).to_pandas("layers").astype({"layer": str, "kind": str})
+        return df.set_index(["step", "layer", "kind"]).sort_index()
+
+    with pytest.warns(UserWarning, match="ended without Monitor.step"):
+        got = train(tmp_path / "run", range(5))
+    fails.clear()
+    want = train(tmp_path / "reference", [0, 1, 3, 4])  # the batches that completed a step
+    assert list(got.index) == list(want.index)
+    assert set(got.index.get_level_values("kind")) == {"act", "act_grad", "grad", "weight"}
+    for col in ("numel", "sumsq", "max_abs"):
+        np.testing.assert_array_equal(got[col], want[col], err_msg=col)
 
 
 def test_a_step_abandoned_after_the_optimizer_is_discarded_whole(tmp_path):

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from torchvitals.collect.activations import ActivationCapture
+from torchvitals.collect.activations import ActivationCapture, first_tensor
 from torchvitals.collect.distributed import (
     LIVE_SCALARS,
     GradsOn,
@@ -202,6 +202,8 @@ class Monitor:
         self._step_grads: list[Any] = []  # this step's gradient reductions, for live mode
         self._owner: threading.Thread | None = None  # the thread that calls step()
         self._stepped: set[int] = set()  # optimizers that stepped since the last step()
+        self._in_backward = False  # a backward through the output started, not finished
+        self._on_output_grad = self._guard(self._backward_started, "output gradient hook")
         self._last_step_time = time.perf_counter()
         # Training-thread time in hooks and step() since the last record: what telemetry
         # costs the training loop, measured where it is spent (guarded calls never nest).
@@ -248,7 +250,9 @@ class Monitor:
         acts = self._acts
         if hooked:
             start = self._guard(lambda module, args: self._begin_step_forward(), "forward pre-hook")
-            end = self._guard(lambda module, args, output: acts.end_forward(), "forward hook")
+            end = self._guard(
+                lambda module, args, output: self._end_forward(output), "forward hook"
+            )
             self._handles.append(self.model.register_forward_pre_hook(start))
             self._handles.append(self.model.register_forward_hook(end))
         for module, spec in hooked:
@@ -320,16 +324,20 @@ class Monitor:
         return on_optimizer_step
 
     def _begin_step_forward(self) -> None:
-        """The model's forward begins. When every optimizer has already stepped since
-        the last ``step()``, that step was abandoned (an exception or a KeyboardInterrupt
-        between the optimizer and ``step()``): what it collected is discarded whole, never
-        merged into this one. (Not under torch.compile: the check would be a guard.)"""
+        """The model's forward begins. The current step was abandoned (an exception or a
+        KeyboardInterrupt), and what it collected is discarded whole, never merged into
+        this one, when every optimizer has already stepped since the last ``step()`` (it
+        ended between the optimizer and ``step()``), or when a backward through the
+        model's output started and never finished (it raised). (Not under torch.compile:
+        the check would be a guard.)"""
         if (
             not torch.compiler.is_compiling()
-            and self.optimizers
-            and len(self._stepped) == len(self.optimizers)
             and self.model.training
             and torch.is_grad_enabled()
+            and (
+                self._in_backward
+                or (self.optimizers and len(self._stepped) == len(self.optimizers))
+            )
         ):
             self._warn_once(
                 "abandoned",
@@ -343,7 +351,27 @@ class Monitor:
             self._params.next_step()
             self._scalars.next_step()
             self._stepped.clear()
+            self._in_backward = False
         self._acts.begin_forward()
+
+    def _end_forward(self, output: Any) -> None:
+        """The model's forward ended: its activations are reduced, and a training
+        forward's output is watched, so that a backward through it that raises is known
+        at the next forward (the callback queued when the backward starts runs only when
+        it completes)."""
+        self._acts.end_forward()
+        if torch.compiler.is_compiling() or not (self.model.training and torch.is_grad_enabled()):
+            return
+        out = first_tensor(output)
+        if out is not None and out.requires_grad:
+            out.register_hook(self._on_output_grad)
+
+    def _backward_started(self, grad: torch.Tensor) -> None:
+        self._in_backward = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
+
+    def _backward_finished(self) -> None:
+        self._in_backward = False
 
     def _read_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         # A compiled optimizer step traces this hook: the cadence, read there, would be a
