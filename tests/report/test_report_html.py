@@ -26,6 +26,7 @@ from torchvitals.analysis.summary import (
 )
 from torchvitals.engine.histogram import hist_edges
 from torchvitals.report.html import FLAT_ROWS, _hist_figure, write_report
+from torchvitals.report.raster import LEVELS
 
 BINS = len(hist_edges().labels)
 
@@ -124,6 +125,19 @@ def test_every_layer_of_a_deep_model_is_in_the_heatmaps(deep):
     dead = [k.split("/", 1)[1] for k in series if k.startswith("dead_frac/")]
     assert len(layer_groups(dead)) == len(dead) > FLAT_ROWS
     assert page.sections["Dead-unit fraction per layer"].row_labels == [dead]
+
+
+def test_heatmaps_leave_out_steps_without_values(deep):
+    """Weights are recorded every 5 steps: their heatmap has a column per recorded step,
+    none of them grey (no value) throughout."""
+    _, _, out = deep
+    text = out.read_text()
+    for alt, columns in (("Weight norm per layer, by module group", 6),
+                         ("Gradient norm per layer, by module group", 30)):  # fmt: skip
+        uri = re.search(f"<img alt='{alt}' style='[^']*' src='([^']*)'", text).group(1)
+        index = png_indices(uri)
+        assert index.shape[1] == columns
+        assert not (index == LEVELS + 1).all(axis=0).any()  # palette entry of NAN_RGB
 
 
 def test_dead_and_saturation_maps_only_where_measured(deep):
