@@ -255,3 +255,44 @@ def test_hf_callback_records_what_the_plain_loop_records(tmp_path):
     assert set(frame(run, "act").index.get_level_values("layer")) == set(
         frame(ref, "act").index.get_level_values("layer")
     )
+
+
+def test_hf_training_resumed_from_a_checkpoint_is_a_new_attempt(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from torchvitals.integrations.hf import TorchvitalsCallback
+    from torchvitals.store.merge import SupersededRowsWarning, superseded_rows
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (8, 12), generator=gen)
+    data = [{"input_ids": i, "labels": i} for i in ids]
+
+    def train(path, max_steps, output_dir, resume=None):
+        args = transformers.TrainingArguments(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=4,
+            max_steps=max_steps,
+            learning_rate=0.05,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            save_strategy="steps",
+            save_steps=2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = transformers.Trainer(
+            model=tiny_gpt2(), args=args, train_dataset=data, callbacks=[TorchvitalsCallback(path)]
+        )
+        trainer.train(resume_from_checkpoint=resume)
+
+    train(tmp_path / "whole", 6, tmp_path / "out-whole")
+    train(tmp_path / "run", 4, tmp_path / "out")  # the job dies after step 3
+    train(tmp_path / "run", 6, tmp_path / "out", resume=str(tmp_path / "out" / "checkpoint-2"))
+    with pytest.warns(SupersededRowsWarning, match=r"attempt 0 at step\(s\) 2-3"):
+        run = torchvitals.load_run(tmp_path / "run")
+    whole = torchvitals.load_run(tmp_path / "whole")
+    assert [a["start_step"] for a in run.manifest["attempts"]] == [0, 2]
+    assert run.scalar("loss")[0].tolist() == list(range(6))
+    np.testing.assert_allclose(run.scalar("loss")[1], whole.scalar("loss")[1], rtol=1e-5)
+    assert run.layers.num_rows == whole.layers.num_rows and superseded_rows(run.layers) > 0
