@@ -138,8 +138,10 @@ def test_round_trip_load_run(tmp_path):
     assert len(pdf) == 60 and list(pdf["counts"].iloc[0]) == expect["hist"][0][3]
 
 
-def test_raw_segments_read_by_each_library(tmp_path):
-    """Every segment file is a plain Arrow IPC stream; pyarrow, polars, pandas, duckdb read it."""
+def test_raw_segments_read_by_each_library(tmp_path, monkeypatch):
+    """A segment being written (closed ones are compacted into Parquet files, left out
+    here) is a plain Arrow IPC stream; pyarrow, polars, pandas, duckdb read it."""
+    monkeypatch.setattr(segments_module, "COMPACT", False)
     path = str(tmp_path / "run")
     expect = write_sample(path, steps=5)
     for table in ("scalars", "layers", "hist"):
