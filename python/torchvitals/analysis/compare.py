@@ -15,7 +15,8 @@ Every later run is compared with the first (the baseline), on the steps both rec
   step; a spike shorter than half the window never counts. Curves that are positive
   throughout are compared on log10 (a ratio), as the report plots them.
 * **Layer differences** (:func:`layer_differences`): per layer and measure, the mean of the
-  absolute running-median difference over the common steps: log10 gradient norm (decades),
+  absolute running-median difference over the common steps: log10 gradient norm (decades,
+  on the steps where both norms are positive),
   dead-unit and saturated fractions where both runs measured them. A layer's ``score`` is
   their sum (a fraction of 1.0 weighs as much as a decade), and its first divergence the
   earliest of its measures'.
@@ -135,15 +136,19 @@ def noise(x: np.ndarray, w: int | None = None) -> float:
 
 
 def _on_common(
-    a_steps: np.ndarray, a: np.ndarray, b_steps: np.ndarray, b: np.ndarray, log: bool
+    a_steps: np.ndarray, a: np.ndarray, b_steps: np.ndarray, b: np.ndarray, log: bool | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """``(steps, a, b, log)`` on the steps both have a finite value (positive for log10)."""
+    """``(steps, a, b, log)`` on the steps both have a finite value. ``log``: True compares
+    log10 on the steps both are positive (a gradient norm of exactly 0 has no log); None
+    compares log10 only when every value is positive (a metric), False never."""
     steps, ia, ib = np.intersect1d(a_steps, b_steps, assume_unique=False, return_indices=True)
     a = np.asarray(a, np.float64)[ia]
     b = np.asarray(b, np.float64)[ib]
     ok = np.isfinite(a) & np.isfinite(b)
-    if log:
+    if log is None:
         log = bool(ok.any() and (a[ok] > 0).all() and (b[ok] > 0).all())
+    elif log:
+        ok &= (a > 0) & (b > 0)
     steps, a, b = steps[ok], a[ok], b[ok]
     if log:
         a, b = np.log10(a), np.log10(b)
@@ -228,7 +233,7 @@ def _layers(base: RunData, other: RunData) -> tuple[list[str], list[str], list[s
 
 
 def _pair(base: RunData, other: RunData) -> PairComparison:
-    steps, a, b, log = _on_common(base.step, base.values, other.step, other.values, True)
+    steps, a, b, log = _on_common(base.step, base.values, other.step, other.values, None)
     band = _smoothed_difference(a, b)[1] if steps.size else 0.0
     _both, only_base, only_other = _layers(base, other)
     return PairComparison(

@@ -67,7 +67,7 @@ def print_comparison(
         table.add_row(letter(i) + (" (baseline)" if i == 0 else ""), str(run.step.size), path)
     console.print(table)
 
-    title = f"Where {comparison.metric} parts from A (beyond the noise band)"
+    title = f"Where {comparison.metric} parts from A"
     table = _term_table(title, [("run", True), ("common steps", True), ("diverges at", True)])
     for i, pair in enumerate(comparison.pairs, start=1):
         table.add_row(letter(i), str(pair.common_steps), _onset(pair.first_divergence))
@@ -92,8 +92,9 @@ def print_comparison(
             if names:
                 shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
                 console.print(f"[dim]only in {side}: {len(names)} layer(s): {shown}[/dim]")
-    console.print("[dim]grad: mean |difference| of log10 gradient norm (decades); dead, sat: "
-                  "of the fractions[/dim]")  # fmt: skip
+    console.print(
+        "[dim]grad: mean |Δ log10 grad norm| (decades); dead, sat: mean |Δ fraction|[/dim]"
+    )
 
     columns = [("kind", True)] + [(letter(i), True) for i in range(len(runs))] + [("what", False)]
     table = _term_table("Events side by side (step in each run)", columns)
