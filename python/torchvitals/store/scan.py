@@ -44,7 +44,7 @@ from .reader import (
     run_files,
     warn_damaged,
 )
-from .schema import conform, dictionary_codes, empty_table
+from .schema import REQUIRED, conform, dictionary_codes, empty_table
 
 __all__ = [
     "SERIES_COLUMNS",
@@ -192,7 +192,10 @@ def read_unit(
     try:
         pf = files.get(unit)
         present = pf.schema_arrow.names
-        wanted = None if columns is None else [c for c in columns if c in present]
+        wanted = None
+        if columns is not None:  # the required columns always (conform needs them)
+            keys = ("step", "rank", *REQUIRED[unit.table], *columns)
+            wanted = [c for c in dict.fromkeys(keys) if c in present]
         rows, damage = read_row_group(pf, unit.group, unit.table, wanted)
     except (pa.ArrowException, OSError, ValueError, EOFError) as exc:
         rows, damage = None, Damage(0, None, f"not read: {exc}"[:300])
@@ -316,9 +319,9 @@ class RunScan:
     ) -> Iterator[pa.Table]:
         """The merged rows of ``table`` (as ``load_run`` gives them), in step chunks of
         about :data:`CHUNK_ROWS` rows, in ``load_run``'s order. ``columns``: read only
-        these from Parquet files (the others are null); ``where``: a filter applied to
-        each unit's rows before merging (it must keep or drop whole ``(layer, kind)``
-        series, e.g. one layer)."""
+        these (and the required ones) from Parquet files, the others are null;
+        ``where``: a filter applied to each unit's rows before merging (it must keep or
+        drop whole ``(layer, kind)`` series, e.g. one layer)."""
         units = self.units(table)
         files = _Files()
         pending: list[Piece] = []
