@@ -7,9 +7,6 @@ over-scaled logits. The tests read the run back with ``load_run`` and check that
 detector reports the intervention, of the right kind, near the right step, and nothing
 that contradicts it. Runs are deterministic (seeded data, initialisation and batch order,
 one thread) and each takes a few seconds.
-
-Tests marked ``xfail(strict=True)`` are clear effects in a real run that the detector
-misses or misreports today; their reasons give the numbers.
 """
 
 from __future__ import annotations
@@ -109,15 +106,6 @@ def test_lr_too_high_is_a_divergence(lr_too_high):
     assert not [e for e in r.events if e.kind in ("kick_in", "lr_drop") and e.step >= at], r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a sustained 1.7x rise is missed: with the LR raised 30x (not 100x) the loss "
-    "goes from a median 0.73 (steps 150-199) to 1.24 (steps 300-399, to the end of the "
-    "run); the level-divergence test needs a log rise of max(6 sigma, log 1.25) with sigma "
-    "the point-to-point noise of the full-resolution curve (0.152): 0.91 needed, 0.62 "
-    "measured (best smoothed 0.674 -> final 1.256), although the standard error of a "
-    "100-step mean is ~0.015. No excursion opens either (the rise takes ~20 steps).",
-)
 def test_lr_raised_30x_is_a_divergence(tmp_path_factory):
     r = tr.record(tmp_path_factory, tr.lr_too_high, "lr_30x", factor=30.0)
     at = tr.DIVERGE_AT
@@ -238,15 +226,6 @@ def test_plateau_then_kick_in(kick):
     assert not kinds(r.events, "spike") and not kinds(r.events, "divergence"), r
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a sharp kick-in after a flat plateau is missed: with init x0.2, LR 0.2 and the "
-    "random teacher the loss sits at 2.256 +- 0.021 for 115 steps, then falls to 1.74 "
-    "within 15 steps (steps 115-130) and on to 0.23; neither plateau nor kick_in is "
-    "reported. The improvement threshold uses max(global, local) noise; the global "
-    "point-to-point noise (0.070 in log, from the noisier low-loss end of the run) sets "
-    "5 sigma_E = 0.212, while the best window drop beats the trend by 0.141.",
-)
 def test_sharp_kick_in_after_flat_plateau(tmp_path_factory):
     r = tr.record(
         tmp_path_factory, tr.plateau_kick_in, "kick_sharp", scale=0.2, lr=0.2, orthogonal=False

@@ -1,10 +1,11 @@
 """Fast subset of the planted-intervention suite (benchmarks/planted.py runs all cases on
-three seeds): one seed, the small runs (each well under a second of training)."""
+three seeds): one seed, the small runs (each a second or two of training)."""
 
 from __future__ import annotations
 
 import warnings
 
+import planted_cases as pc
 import pytest
 import training_runs as tr
 
@@ -20,6 +21,9 @@ FAST = (
     "lr_schedule",
     "adam_too_high",
     "healthy_cosine",
+    "tanh_release",
+    "divergence_gradual",
+    "kick_in_gradual",
 )
 
 
@@ -27,11 +31,11 @@ FAST = (
 def test_planted_case_passes(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path, truth = tr.PLANTED[name](tmp_path / "run", seed=0)
+        path, truth = pc.PLANTED[name](tmp_path / "run", seed=0)
     run = load_run(path)
     _, loss, _, _ = series_from_run(run)
     events = detect_events(run)
-    sc = tr.score(events, truth, loss)
+    sc = pc.score(events, truth, loss)
     assert not sc["failures"], "\n".join(sc["failures"] + [str(e) for e in events])
 
 

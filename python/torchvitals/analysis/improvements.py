@@ -25,6 +25,9 @@ MIN_EFFECT = 0.02
 SUDDEN = 1.0
 LR_TOTAL = 0.7
 LR_STEP = 0.8
+SLOW = 4  # the second, slower scale: this many windows
+SLOW_SUDDEN = 4.0
+SLOW_MIN_EFFECT = 0.1
 
 
 def _lr_change(lr, bounds, c_lo, c_hi):
@@ -64,23 +67,42 @@ def _lr_steps_coarse(lr, bounds, m):
 
 
 def find_improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, cmask=None):
+    """Improvements at the window ``w`` and, where none was found there, at ``4 w``: a
+    gradual fall on a noisy curve is too slow to beat the trend within one window and too
+    small against the noise of its medians, but sudden at four windows."""
+    m = ctx.coarse.size
+    out: list[tuple[Event, int, float, int]] = []
+    if m < 8:
+        return out
+    w = int(np.clip(round(m / 40), 3, 64))
+    ctx.window = w
+    taken = np.zeros(m, dtype=bool)
+    _scan(ctx, lr, metric, stop_at, cmask, w, False, taken, out)
+    if SLOW * w <= m / 8:
+        # at the slow scale only a large fall from a level: a smooth decline, or a few
+        # percent over thousands of steps, is ordinary training
+        _scan(ctx, lr, metric, stop_at, cmask, SLOW * w, True, taken, out)
+    out.sort(key=lambda t: t[1])
+    return out
+
+
+def _scan(ctx: CurveContext, lr, metric, stop_at, cmask, w: int, slow: bool, taken, out):
+    """Improvements at window ``w`` where ``taken`` is free, appended to ``out``; ``slow``:
+    the second scale (stricter: :data:`SLOW_SUDDEN`, :data:`SLOW_MIN_EFFECT`)."""
+    sudden, min_effect = (SLOW_SUDDEN, SLOW_MIN_EFFECT) if slow else (SUDDEN, MIN_EFFECT)
     c = ctx.coarse
     m = c.size
     bounds = ctx.bounds
     step = ctx.step
-    out: list[tuple[Event, int, float]] = []
-    if m < 8:
-        return out
-    w = int(np.clip(round(m / 40), 3, 64))
     g = max(1, w // 3)
-    ctx.window = w
     sig_c = max(diff_noise(c), 1e-12)
     lvl, slope = window_fits(c, w)  # index k <-> window c[k:k+w], i = k + w
     med_w = np.median(np.lib.stride_tricks.sliding_window_view(c, w), axis=1)  # start k
     c_sm = rolling_median(c, 3)
+    c_slow = rolling_median(c, max(3, (w // 4) | 1)) if slow else c_sm
     i = np.arange(w, m - g - w + 1)
     if i.size == 0:
-        return out
+        return
     lvl_end = lvl[i - w]
     sl = np.minimum(slope[i - w], 0.0)
     dist = g + (w - 1) / 2.0 + 1.0
@@ -105,14 +127,14 @@ def find_improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, c
             z = np.where(
                 cm[np.minimum(i + g + 1, m)] - cm[np.maximum(i - w // 2 - 1, 0)] > 0, Z_LR, z
             )
-    thr = np.maximum(z * sig_e, MIN_EFFECT)
+    thr = np.maximum(z * sig_e, min_effect)
     # the improvement must set a new best: below the best window median of the preceding
     # four windows (a recovery from a spike is not an improvement). Window medians, not
     # single points: the minimum of a noisy curve sits far below its level.
     lmin = np.array([med_w[max(0, k - 4 * w) : k - w + 1].min() for k in i])
     ok = (
         (thr <= -E)
-        & (SUDDEN * np.abs(sl) * w <= -E)
+        & (sudden * np.abs(sl) * w <= -E)
         & (med_r2 - lvl_end <= 0.5 * E)
         & (med_r < lmin)
     )
@@ -124,7 +146,6 @@ def find_improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, c
         ok &= cm[np.minimum(i + g + w, m)] - cm[i - w] == 0
     cand = np.flatnonzero(ok)
     order = cand[np.argsort(E[cand])]
-    taken = np.zeros(m, dtype=bool)
     for k in order:
         ii = int(i[k])
         if taken[ii]:
@@ -145,10 +166,22 @@ def find_improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, c
             end = t
             if c_sm[t] <= new + 0.1 * eff:
                 break
-        # refine the onset to the knee: the point furthest above the chord from 3 windows
-        # before to the end of the transition (where a gradual acceleration starts)
         a = max(0, on - 3 * w)
-        if end > a + 1:
+        if slow:
+            # a gradual fall has no sharp knee: its onset is where a tenth of it is done,
+            # the smoothed curve a tenth of the way from the level before to the new level
+            # (a knee point, or a two-segment least-squares fit, lands 60-120 steps early
+            # on a convex fall)
+            # (from where the smoothed curve stays below that, so a noise dip before the
+            # fall does not count)
+            top = float(np.median(c[ii - w : ii]))
+            cut = top - 0.1 * (top - new)
+            lo = max(ii - w, 1)
+            above = np.flatnonzero(c_slow[lo : end + 1] >= cut)
+            on = lo + int(above[-1]) + 1 if above.size else lo
+        elif end > a + 1:
+            # refine the onset to the knee: the point furthest above the chord from 3
+            # windows before to the end of the transition (where an acceleration starts)
             t = np.arange(a, on + 1)
             chord = c_sm[a] + (c_sm[end] - c_sm[a]) * (t - a) / (end - a)
             d = c_sm[a : on + 1] - chord
@@ -198,8 +231,6 @@ def find_improvements(ctx: CurveContext, lr, metric: str, stop_at: int | None, c
         out.append(
             (Event(kind, s_on, s_end, "info", cause.strip(), ev, metric=metric), on, eff, end)
         )
-    out.sort(key=lambda t: t[1])
-    return out
 
 
 def merge_continuing(imps, plateaus: list[Event], has_ratio: bool):
