@@ -13,23 +13,27 @@ segment, so a segment never holds half a batch or a batch whose dictionaries are
 Files are created exclusively, never through a link (:mod:`torchvitals.store.rundir`).
 
 A segment closed whole (rotated, or at :meth:`SegmentFiles.close_all`) is then compacted
-into a Parquet file that any engine scans lazily (:mod:`torchvitals.store.compaction`);
-the segment being written stays a stream. A compaction that fails leaves the stream as
-it is (warned about once; no data is lost, the reader reads either format).
+into a Parquet file that any engine scans lazily (:mod:`torchvitals.store.compaction`),
+on a thread of its own so that writing goes on meanwhile; the segment being written stays
+a stream. A compaction that fails leaves the stream as it is (warned about once; no data
+is lost, the reader reads either format).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pyarrow as pa
 
 from .compaction import compact
 from .integrity import Sealer, checksum_metadata, with_checksum_flag
-from .layout import parse_segment_name, segment_name, write_all
+from .layout import PARQUET, parse_segment_file, parse_segment_name, segment_name, write_all
 from .rundir import RunDirectory
 from .schema import SCHEMAS
 
@@ -43,8 +47,18 @@ _SCHEMAS = {t: with_checksum_flag(s) for t, s in SCHEMAS.items()}
 #: Whether closed segments are compacted into Parquet files when the caller does not say
 #: (``SegmentFiles(compact=None)``, as ``RunWriter`` constructs it).
 COMPACT = True
+#: Seconds ``close_all`` waits for the compactions still running (the writer's ``close``
+#: waits 30 s for its thread); later ones finish in the background.
+COMPACT_WAIT = 20.0
 #: How many taken names (a file or link already there) a new segment skips before failing.
 _NAME_ATTEMPTS = 16
+
+
+def _compact_and_close(dir_fd: int, name: str, identity: tuple[int, int]):
+    try:
+        return compact(dir_fd, name, identity)
+    finally:
+        os.close(dir_fd)
 
 
 class _Capture:
@@ -149,6 +163,8 @@ class SegmentFiles:
         #: convert each segment closed whole into a Parquet file (compaction.py)
         self.compact = COMPACT if compact is None else compact
         self._compact_warned = False
+        self._compactor: ThreadPoolExecutor | None = None
+        self._compacting: dict[str, Future] = {}  # stream name -> its compaction
         # Each record batch's buffers are compressed on their own, so every flushed batch
         # still reads back after a crash; a reader needs nothing but pyarrow.
         self._options = pa.ipc.IpcWriteOptions(compression=compression)
@@ -264,6 +280,12 @@ class SegmentFiles:
         while self._open:  # on_error may abandon() the rest
             table = next(iter(self._open))
             self._close(table, self._open.pop(table), on_error)
+        # Compactions still running after this go on in the background (on their own
+        # descriptor); the stream is readable until the Parquet file replaces it.
+        self.collect(wait=COMPACT_WAIT)
+        if self._compactor is not None:
+            self._compactor.shutdown(wait=False)
+            self._compactor = None
 
     def _close(self, table: str, seg: _Segment, on_error: OnError) -> None:
         """Close a segment whole, then compact it into its Parquet file."""
@@ -273,21 +295,44 @@ class SegmentFiles:
             on_error(exc, seg.path)
             self._done.append((table, seg.name, seg.identity, seg.rows))
             return
-        name, identity = seg.name, seg.identity
+        self._done.append((table, seg.name, seg.identity, seg.rows))
         if self.compact and seg.rows and self.directory.fd is not None:
+            if self._compactor is None:
+                self._compactor = ThreadPoolExecutor(1, thread_name_prefix="torchvitals-compact")
+            # its own descriptor of the directory: the writer may close its own first
+            fd = os.dup(self.directory.fd)
+            self._compacting[seg.name] = self._compactor.submit(
+                _compact_and_close, fd, seg.name, seg.identity
+            )
+
+    def collect(self, wait: float | None = 0.0) -> None:
+        """Take in the compactions that finished (waiting up to ``wait`` seconds in all
+        for the others; None: until they finish): each segment's entry follows its file
+        to the Parquet name; a failure is warned about once (the stream stays)."""
+        deadline = None if wait is None else time.monotonic() + wait
+        for name, future in list(self._compacting.items()):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                name, identity = compact(self.directory.fd, seg.name, seg.identity)
+                target, identity = future.result(timeout=left)
+            except FutureTimeout:
+                continue
             except (OSError, ValueError, pa.ArrowException) as exc:
+                del self._compacting[name]
                 if not self._compact_warned:
                     self._compact_warned = True
                     warnings.warn(
-                        f"torchvitals: could not compact {seg.path} into a Parquet file "
-                        f"({type(exc).__name__}: {exc}); it stays an Arrow stream, which "
-                        "load_run reads (further failures are not warned about)",
+                        f"torchvitals: could not compact {os.path.join(self.path, name)} into "
+                        f"a Parquet file ({type(exc).__name__}: {exc}); it stays an Arrow "
+                        "stream, which load_run reads (further failures are not warned about)",
                         RuntimeWarning,
                         stacklevel=2,
                     )
-        self._done.append((table, name, identity, seg.rows))
+                continue
+            del self._compacting[name]
+            self._done = [
+                (t, target, identity, rows) if n == name else (t, n, ident, rows)
+                for t, n, ident, rows in self._done
+            ]
 
     def abandon(self) -> None:
         """Close every file without writing more (after an I/O error: writing is over)."""
@@ -300,6 +345,7 @@ class SegmentFiles:
         """Move the rows of segments that are no longer on disk (deleted or replaced) from
         ``rows_written`` to ``rows_lost``: the open segments (one ``fstat`` each), and with
         ``everything`` the closed ones too. The rows lost now, per table."""
+        self.collect()
         lost: dict[str, int] = {}
         for table, seg in list(self._open.items()):
             if seg.deleted() or (everything and not self.directory.exists(seg.name, seg.identity)):
@@ -310,7 +356,7 @@ class SegmentFiles:
             kept = []
             for entry in self._done:
                 table, name, identity, rows = entry
-                if self.directory.exists(name, identity):
+                if self.directory.exists(name, identity) or self._compacted_away(name):
                     kept.append(entry)
                 else:
                     lost[table] = lost.get(table, 0) + rows
@@ -320,6 +366,18 @@ class SegmentFiles:
             self.rows_lost[table] += rows
         return {t: n for t, n in lost.items() if n}
 
+    def _compacted_away(self, name: str) -> bool:
+        """A segment being compacted whose Parquet file took its place meanwhile."""
+        if name not in self._compacting or self.directory.fd is None:
+            return False
+        parsed = parse_segment_file(name)
+        target = segment_name(parsed[0], parsed[1], parsed[2], PARQUET) if parsed else name
+        try:
+            os.stat(target, dir_fd=self.directory.fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
     def directory_lost(self) -> dict[str, int]:
         """The run directory is gone: every row written so far is lost. Let go of the
         files and start numbering afresh; the rows lost, per table."""
@@ -327,6 +385,7 @@ class SegmentFiles:
             seg.release()
         self._open.clear()
         self._done.clear()
+        self._compacting.clear()  # they go on in the lost directory, harmlessly
         self._next.clear()
         self.first_segment.clear()
         lost = {t: n for t, n in self.rows_written.items() if n}
