@@ -301,9 +301,15 @@ class SegmentFiles:
                 self._compactor = ThreadPoolExecutor(1, thread_name_prefix="torchvitals-compact")
             # its own descriptor of the directory: the writer may close its own first
             fd = os.dup(self.directory.fd)
-            self._compacting[seg.name] = self._compactor.submit(
-                _compact_and_close, fd, seg.name, seg.identity
-            )
+            try:
+                future = self._compactor.submit(_compact_and_close, fd, seg.name, seg.identity)
+            except RuntimeError:  # at interpreter exit no thread starts: compact here
+                future = Future()
+                try:
+                    future.set_result(_compact_and_close(fd, seg.name, seg.identity))
+                except (OSError, ValueError, pa.ArrowException) as exc:
+                    future.set_exception(exc)
+            self._compacting[seg.name] = future
 
     def collect(self, wait: float | None = 0.0) -> None:
         """Take in the compactions that finished (waiting up to ``wait`` seconds in all
