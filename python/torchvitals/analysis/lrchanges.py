@@ -9,7 +9,9 @@ The event is anchored at the LR change. Its loss response is measured on the log
 curve: the level over ``W`` points after the change (``W``: a twentieth of the run, at
 least 5 points, at most the distance to the neighbouring changes) against the trend of the
 ``W`` points before it extrapolated over the same stretch (a rising trend is extrapolated
-flat). ``evidence``: ``log_effect`` (> 0: the loss improved), ``ratio`` (loss after / before),
+flat); when that shows no measurable effect, again with ``2 W`` and ``4 W`` (a slow
+response under noise builds over several windows). ``evidence``: ``log_effect`` (> 0: the
+loss improved), ``ratio`` (loss after / before),
 ``z`` (effect over its standard error, from the residual noise around the trend) and
 ``confidence`` (``high``: z >= 5, ``medium``: z >= 3, else ``none``: "no measurable
 effect"), ``response_steps`` (steps until half of the change is done; the attribution looks
@@ -30,6 +32,7 @@ STEADY = math.log(1.05)
 STEADY_POINTS = 10
 Z_HIGH, Z_MED = 5.0, 3.0
 MIN_EFFECT = 0.02
+WIDEN = (1, 2, 4)  # response windows tried, in multiples of the default
 
 
 def lr_change_points(lr: np.ndarray) -> list[tuple[int, float, float]]:
@@ -125,10 +128,16 @@ def lr_events(step, y, index, lr, scale, metric: str) -> list[Event]:
             ev["confidence"] = "none"
             cause = f"{what}: too few points around it to measure the {metric} response"
         else:
-            eff, z, resp, onset, _ = _response(y, k, w_b, w_a)
-            conf = "none"
-            if abs(eff) >= MIN_EFFECT and abs(z) >= Z_MED:
-                conf = "high" if abs(z) >= Z_HIGH else "medium"
+            # a slow response under noise (it builds over several windows) is measured
+            # on longer windows, as far as the neighbouring changes allow
+            for f in WIDEN:
+                w_b = min(f * w_def, k - bounds[j])
+                w_a = min(f * w_def, bounds[j + 2] - k)
+                eff, z, resp, onset, _ = _response(y, k, w_b, w_a)
+                conf = "none"
+                if abs(eff) >= MIN_EFFECT and abs(z) >= Z_MED:
+                    conf = "high" if abs(z) >= Z_HIGH else "medium"
+                    break
             lin = scale.linear
             ev.update(
                 log_effect=eff,
