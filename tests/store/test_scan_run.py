@@ -142,3 +142,15 @@ def test_sharded_parameters_merge_the_same_chunk_by_chunk(tmp_path, monkeypatch)
     assert list(a[3]) == list(b[3])
     for key in b[3]:
         np.testing.assert_array_equal(a[3][key], b[3][key], err_msg=key)
+
+
+def test_several_histograms_in_one_pass(run_dir):
+    pairs = [("stem", "act"), ("head", "grad"), ("block.1", "weight"), ("nope", "act")]
+    with pytest.warns(RuntimeWarning):
+        run = load_run(run_dir)
+        got = scan_run(run_dir).histograms(pairs)
+    assert set(got) == {p for p in pairs if histogram_matrix(run, *p) is not None}
+    for pair, (steps, counts) in got.items():
+        want = histogram_matrix(run, *pair)
+        np.testing.assert_array_equal(steps, want[0])
+        np.testing.assert_array_equal(counts, want[1])

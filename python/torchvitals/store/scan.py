@@ -369,23 +369,39 @@ class RunScan:
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """``(steps, counts)`` as :func:`torchvitals.analysis.summary.histogram_matrix`
         gives it for a loaded run, reading only this (layer, kind)'s rows."""
+        return self.histograms([(layer, kind)], progress).get((layer, kind))
+
+    def histograms(
+        self, pairs: Iterable[tuple[str, str]], progress: Progress | None = None
+    ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+        """``{(layer, kind): (steps, counts)}`` for each of ``pairs`` that the run has, in
+        one pass over ``hist`` keeping only their rows (as :meth:`histogram`)."""
+        wanted = pa.array(sorted({f"{layer}\x00{kind}" for layer, kind in pairs}), pa.string())
+
+        def key(rows: pa.Table) -> pa.ChunkedArray:
+            return pc.binary_join_element_wise(
+                pc.cast(rows["layer"], pa.string()), pc.cast(rows["kind"], pa.string()), "\x00"
+            )
 
         def where(rows: pa.Table) -> pa.Table:
-            return rows.filter(
-                pc.and_(
-                    pc.equal(pc.cast(rows["layer"], pa.string()), layer),
-                    pc.equal(pc.cast(rows["kind"], pa.string()), kind),
-                )
-            )
+            return rows.filter(pc.is_in(key(rows), value_set=wanted))
 
         parts = [c for c in self.chunks("hist", where=where, progress=progress) if c.num_rows]
         if not parts:
-            return None
+            return {}
         rows = pa.concat_tables(parts)
-        rows = rows.filter(pc.equal(rows["rank"], pc.min(rows["rank"])))
+        keys = key(rows).to_numpy(zero_copy_only=False)
+        rank = rows["rank"].to_numpy()
         flat = rows["counts"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
         counts = flat.reshape(rows.num_rows, -1).astype(np.float64)
-        return rows["step"].to_numpy(), counts.T
+        steps = rows["step"].to_numpy()
+        out = {}
+        for k in dict.fromkeys(keys.tolist()):
+            mine = keys == k
+            mine &= rank == rank[mine].min()  # the lowest rank: merged rows (-1) win
+            layer, _, kind = k.partition("\x00")
+            out[(layer, kind)] = (steps[mine], counts[mine].T)
+        return out
 
     def __repr__(self) -> str:
         return f"RunScan({str(self.path)!r}, ranks={self.ranks}, closed={self.closed})"
