@@ -142,6 +142,17 @@ def child(mode: str, path: Path, cap_gb: float) -> dict:
     return json.loads(lines[-1])
 
 
+def wait_compacted(path: Path, limit: float = 1200.0) -> float:
+    """Seconds until the last closed segments are compacted (the writer finishes them in
+    the background after close()), so that the readers see the run as it stays."""
+    t0 = time.perf_counter()
+    while any(f.suffix in (".arrows", ".tmp") for f in path.iterdir()):
+        if time.perf_counter() - t0 > limit:
+            raise TimeoutError(f"{path}: segments still not compacted after {limit:g} s")
+        time.sleep(0.5)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, default=4)
@@ -159,6 +170,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for rank in range(args.ranks):
             write_rank(path, rank, args.ranks, args.tensors, args.steps, args.every)
+        waited = wait_compacted(path)
         write_s = time.perf_counter() - t0
         disk = sum(f.stat().st_size for f in path.iterdir())
         rows = {}
@@ -175,6 +187,7 @@ def main() -> None:
                 "bytes_on_disk": disk,
                 "rows": rows,
                 "write_s": round(write_s, 1),
+                "compaction_after_close_s": round(waited, 1),
                 "rows_per_s_written": round(sum(rows.values()) / write_s),
             },
             "lazy": child("lazy", path, args.eager_cap_gb),
