@@ -10,8 +10,8 @@ curve: the level over ``W`` points after the change (``W``: a twentieth of the r
 least 5 points, at most the distance to the neighbouring changes) against the trend of the
 ``W`` points before it extrapolated over the same stretch (a rising trend is extrapolated
 flat); when that shows no measurable effect, again with ``2 W`` and ``4 W`` (a slow
-response under noise builds over several windows). ``evidence``: ``log_effect`` (> 0: the
-loss improved), ``ratio`` (loss after / before),
+response under noise builds over several windows; there the effect must be at least
+x1.1). ``evidence``: ``log_effect`` (> 0: the loss improved), ``ratio`` (after / before),
 ``z`` (effect over its standard error, from the residual noise around the trend) and
 ``confidence`` (``high``: z >= 5, ``medium``: z >= 3, else ``none``: "no measurable
 effect"), ``response_steps`` (steps until half of the change is done; the attribution looks
@@ -33,6 +33,7 @@ STEADY_POINTS = 10
 Z_HIGH, Z_MED = 5.0, 3.0
 MIN_EFFECT = 0.02
 WIDEN = (1, 2, 4)  # response windows tried, in multiples of the default
+WIDE_MIN_EFFECT = 0.1  # x1.1: the least effect measured over a widened window
 
 
 def lr_change_points(lr: np.ndarray) -> list[tuple[int, float, float]]:
@@ -135,7 +136,9 @@ def lr_events(step, y, index, lr, scale, metric: str) -> list[Event]:
                 w_a = min(f * w_def, bounds[j + 2] - k)
                 eff, z, resp, onset, _ = _response(y, k, w_b, w_a)
                 conf = "none"
-                if abs(eff) >= MIN_EFFECT and abs(z) >= Z_MED:
+                # over a longer window a straight trend fits a curved loss less well: only a
+                # large effect counts there
+                if abs(eff) >= (MIN_EFFECT if f == 1 else WIDE_MIN_EFFECT) and abs(z) >= Z_MED:
                     conf = "high" if abs(z) >= Z_HIGH else "medium"
                     break
             lin = scale.linear
