@@ -86,10 +86,12 @@ PYBIND11_MODULE(_C, m) {
 
   // The histogram binning rule itself, compiled for the host (the CUDA kernel calls the same
   // function): the exhaustive binning test compares it with the CPU kernel and the reference.
-  m.def("hist_bins_f32", &bin_each<uint32_t, torchvitals::hist_bin_f32>,
-        "bins[i] = the histogram bin of fp32 bit pattern bits[i] (raw addresses, n elements)");
-  m.def("hist_bins_f64", &bin_each<uint64_t, torchvitals::hist_bin_f64>,
-        "bins[i] = the histogram bin of fp64 bit pattern bits[i] (raw addresses, n elements)");
+  m.def("hist_slots_f32", &bin_each<uint32_t, torchvitals::hist_slot_f32>,
+        "slots[i] = the two-row histogram slot of fp32 bit pattern bits[i]: its bin, plus "
+        "HIST_BINS when negative (raw addresses, n elements)");
+  m.def("hist_slots_f64", &bin_each<uint64_t, torchvitals::hist_slot_f64>,
+        "slots[i] = the two-row histogram slot of fp64 bit pattern bits[i]: its bin, plus "
+        "HIST_BINS when negative (raw addresses, n elements)");
 
   m.def(
       "nh64",
@@ -106,6 +108,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MOMENT_COLUMNS") = names(torchvitals::kMomentNames);
   m.attr("COUNT_COLUMNS") = names(torchvitals::kCountNames);
   m.attr("HIST_BINS") = torchvitals::kHistBins;
+  m.attr("HIST_ROWS") = torchvitals::kHistRows;
   m.attr("HIST_MIN_EXP") = torchvitals::kHistMinExp;
   m.attr("HIST_MAX_EXP") = torchvitals::kHistMaxExp;
   m.attr("CHUNK_ELEMS") = torchvitals::kChunkElems;

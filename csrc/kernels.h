@@ -16,7 +16,7 @@ struct StatsBuffers {
                               // threshold), which NaN values and a NaN threshold satisfy
   double* moments;            // [T, kMomentCols] out
   int64_t* counts;            // [T, kCountCols] out; zero on entry for CUDA
-  int64_t* hist;              // [T, kHistBins] out; zero on entry for CUDA
+  int64_t* hist;              // [T, kHistRows, kHistBins] out; zero on entry for CUDA
   double* partials;           // CUDA only: [num_chunks, kMomentCols] scratch
 };
 

@@ -74,6 +74,14 @@ constexpr int kHistAbove = kHistFirstExp + (kHistMaxExp - kHistMinExp + 1);
 constexpr int kHistNonFinite = kHistAbove + 1;
 constexpr int kHistBins = kHistNonFinite + 1;
 
+// The histogram output holds two rows of kHistBins per tensor: every element by the bin of
+// |x|, then the negative elements alone (x < 0: never a zero or a NaN, -Inf in the
+// non-finite bin) by the same bins. Positive counts are the difference, so the signed
+// histogram costs one row and the unsigned one stays a row of its own.
+constexpr int kHistAll = 0;
+constexpr int kHistNegative = 1;
+constexpr int kHistRows = 2;
+
 // Elements one CPU task or one CUDA block reduces before results are combined
 // in chunk order, which keeps float sums independent of thread scheduling.
 constexpr int64_t kChunkElems = int64_t{1} << 16;
@@ -107,6 +115,25 @@ TV_HD int hist_bin_f64(uint64_t bits) {
   if (e == 0x7ff) return kHistNonFinite;
   if (e == 0) return (bits & 0xfffffffffffffull) ? kHistBelow : kHistZero;
   return hist_bin_for_exponent(e - 1023);
+}
+
+// Whether a value counts in the negative row, from its bits: the sign bit set on anything
+// but a zero or a NaN.
+TV_HD bool hist_negative_f32(uint32_t bits) {
+  return (bits >> 31) && (bits << 1) != 0 && (bits << 1) <= 0xff000000u;
+}
+
+TV_HD bool hist_negative_f64(uint64_t bits) {
+  return (bits >> 63) && (bits << 1) != 0 && (bits << 1) <= 0xffe0000000000000ull;
+}
+
+// Slot of a value in the two-row histogram: its bin, in the negative row when it is negative.
+TV_HD int hist_slot_f32(uint32_t bits) {
+  return hist_bin_f32(bits) + (hist_negative_f32(bits) ? kHistBins : 0);
+}
+
+TV_HD int hist_slot_f64(uint64_t bits) {
+  return hist_bin_f64(bits) + (hist_negative_f64(bits) ? kHistBins : 0);
 }
 
 // A tensor's counts once its chunks are combined, the same on every backend. The inputs are

@@ -81,9 +81,9 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
     const int64_t* d = buf.desc + t * kDescCols;
     double* m = buf.moments + t * kMomentCols;
     int64_t* cnt = buf.counts + t * kCountCols;
-    int64_t* h = buf.hist + t * kHistBins;
+    int64_t* h = buf.hist + t * kHistRows * kHistBins;
     m[kSum] = m[kSumSq] = m[kMaxAbs] = 0.0;
-    std::fill(h, h + kHistBins, 0);
+    std::fill(h, h + kHistRows * kHistBins, 0);
     int64_t nan = 0, saturated = 0;
     for (; ci < chunks.size() && chunks[ci].tensor == t; ++ci) {
       const ChunkResult& r = results[ci];
@@ -92,7 +92,8 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
       m[kMaxAbs] = std::max(m[kMaxAbs], r.max_abs);
       nan += r.nan;
       saturated += r.saturated;
-      for (int b = 0; b < kHistBins; ++b) h[b] += r.hist[b];
+      for (int row = 0; row < kHistRows; ++row)
+        for (int b = 0; b < kHistBins; ++b) h[row * kHistBins + b] += r.hist[row][b];
     }
     const int64_t units = d[kDescUnits];
     const int64_t off = d[kDescFlagOffset];

@@ -23,7 +23,7 @@ struct ChunkResult {
   double max_abs = 0.0;
   int64_t nan = 0;
   int64_t saturated = 0;
-  int64_t hist[kHistBins] = {};
+  int64_t hist[kHistRows][kHistBins] = {};  // every element, then the negative ones
 };
 
 // Reduces one chunk and sets its units' flags. The same source compiled for two targets;

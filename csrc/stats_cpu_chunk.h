@@ -3,8 +3,8 @@
 // at load time. The chunk is read twice while it sits in L2: a vector pass for the moments,
 // maximum, saturation and unit flags, then a vector histogram pass that counts zeros and
 // the chunk's top 16 octaves (below its largest finite |x|) in 4-bit counters, one per lane
-// and octave, with no scatter; only the rare elements outside that window (tiny,
-// subnormal, non-finite) take a scalar path.
+// and octave (and again for the negative elements), with no scatter; only the rare elements outside
+// that window (tiny, subnormal, non-finite) take a scalar path.
 #pragma once
 
 #ifndef TV_CPU_ISA
@@ -249,11 +249,12 @@ void scan_chunk(const T* x, int64_t n, T threshold, const UnitRuns& runs, ChunkS
   state = s;
 }
 
-// Pass 2 over x[0, n): counts elements by key (exponent field) into key_counts. Keys in
-// the kWindow octaves at and below `top` are counted in 4-bit lanes (one shift and one add
-// per vector and 8 octaves), the only scatter-free way to histogram with vectors; zeros
-// are added to `zeros`, and the rare others (tiny, subnormal, non-finite) are counted one
-// by one, NaNs also into `nan`.
+// Pass 2 over x[0, n): counts elements by key (exponent field) into key_counts, row
+// kHistAll every element and row kHistNegative the negative ones (rows of kKeyMask + 1
+// keys). Keys in the kWindow octaves at and below `top` are counted in 4-bit lanes (one
+// shift and one add per vector and 8 octaves, and a masked add for the negative row), the
+// only scatter-free way to histogram with vectors; zeros are added to `zeros`, and the rare
+// others (tiny, subnormal, non-finite) are counted one by one, NaNs also into `nan`.
 template <typename T>
 void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits top, uint32_t* key_counts,
                 int64_t& zeros, int64_t& nan) {
@@ -261,6 +262,7 @@ void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits top, uint32_t* ke
   using U = typename L::U;
   using Bits = typename L::Bits;
   constexpr int64_t W = L::kWidth;
+  constexpr int64_t kKeys = L::kKeyMask + 1;
   constexpr int kLaneBits = 8 * sizeof(Bits);
   constexpr int kNibbles = kLaneBits / 4;    // 4-bit counters per lane
   constexpr int kAccs = kWindow / kNibbles;  // lanes of counters covering the window
@@ -275,26 +277,30 @@ void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits top, uint32_t* ke
   const Bits nibbles = static_cast<Bits>(0x0f0f0f0f0f0f0f0full);
   const Bits low_bytes = static_cast<Bits>(0x00ff00ff00ff00ffull);
   const U one = U{} + 1;
-  U acc[kAccs] = {};
+  // [row]: every element, the negative ones.
+  U acc[kHistRows][kAccs] = {};
   U zero_lanes = {};
-  U bytes[kAccs][2] = {};      // [nibble parity]: byte b counts nibble 2b + parity
-  U fields[kAccs][2][2] = {};  // [nibble parity][byte parity]: field f counts byte 2f + parity
+  U bytes[kHistRows][kAccs][2] = {};      // [nibble parity]: byte b counts nibble 2b + parity
+  U fields[kHistRows][kAccs][2][2] = {};  // [nibble parity][byte parity]: field f counts byte
+                                          // 2f + parity
   int nibble_flushes = 0;
   auto flush_bytes = [&] {
-    for (int j = 0; j < kAccs; ++j)
-      for (int p = 0; p < 2; ++p) {
-        fields[j][p][0] += bytes[j][p] & low_bytes;
-        fields[j][p][1] += (bytes[j][p] >> 8) & low_bytes;
-        bytes[j][p] = U{};
-      }
+    for (int row = 0; row < kHistRows; ++row)
+      for (int j = 0; j < kAccs; ++j)
+        for (int p = 0; p < 2; ++p) {
+          fields[row][j][p][0] += bytes[row][j][p] & low_bytes;
+          fields[row][j][p][1] += (bytes[row][j][p] >> 8) & low_bytes;
+          bytes[row][j][p] = U{};
+        }
     nibble_flushes = 0;
   };
   auto flush_nibbles = [&] {
-    for (int j = 0; j < kAccs; ++j) {
-      bytes[j][0] += acc[j] & nibbles;
-      bytes[j][1] += (acc[j] >> 4) & nibbles;
-      acc[j] = U{};
-    }
+    for (int row = 0; row < kHistRows; ++row)
+      for (int j = 0; j < kAccs; ++j) {
+        bytes[row][j][0] += acc[row][j] & nibbles;
+        bytes[row][j][1] += (acc[row][j] >> 4) & nibbles;
+        acc[row][j] = U{};
+      }
     if (++nibble_flushes == kByteFlushEvery) flush_bytes();
   };
   auto count_outside = [&](int64_t begin, int64_t end) {
@@ -303,43 +309,53 @@ void count_keys(const T* x, int64_t n, typename Lanes<T>::Bits top, uint32_t* ke
       std::memcpy(&bits, x + i, sizeof(bits));
       const Bits key = (bits >> L::kMantissaBits) & L::kKeyMask;
       if (static_cast<Bits>(top - key) < kWindow || (bits & L::kAbsMask) == 0) continue;
-      ++key_counts[key];
-      nan += x[i] != x[i];
+      ++key_counts[kHistAll * kKeys + key];
+      const bool is_nan = x[i] != x[i];
+      nan += is_nan;
+      key_counts[kHistNegative * kKeys + key] += x[i] < T{0};
     }
   };
-  auto count = [&](U abs_bits, U& outside) {                     // abs_bits: the sign shifted out
+  auto count = [&](U bits, U& outside) {
+    const U abs_bits = bits << 1;                                // the sign shifted out
     const U below = top - (abs_bits >> (L::kMantissaBits + 1));  // wraps around above top
     const U zero = (U)(abs_bits == 0);
     zero_lanes -= zero;
     outside |= (U)(below >= kWindow) & ~zero;
-    // Counter `below` of the window is nibble below % kNibbles of acc[below / kNibbles].
+    // Counter `below` of the window is nibble below % kNibbles of acc[row][below / kNibbles];
+    // zeros and keys outside the window shift their bit out of every counter.
+    const U negative = (U)((typename L::I)bits < 0);
     const U shift = below << 2;
-    for (int j = 0; j < kAccs; ++j) acc[j] += shift_left_or_zero(one, shift - j * kLaneBits);
+    for (int j = 0; j < kAccs; ++j) {
+      const U bit = shift_left_or_zero(one, shift - j * kLaneBits);
+      acc[kHistAll][j] += bit;
+      acc[kHistNegative][j] += bit & negative;
+    }
   };
   const int64_t full = n - n % W;
   for (int64_t group = 0; group < full; group += kGroup) {
     const int64_t group_end = std::min(full, group + kGroup);
     U outside = {};
-    for (int64_t i = group; i < group_end; i += W) count(load<U>(x + i) << 1, outside);
+    for (int64_t i = group; i < group_end; i += W) count(load<U>(x + i), outside);
     flush_nibbles();
     if (any_set(outside)) count_outside(group, group_end);
   }
   if (full < n) {  // the tail, zero-padded: take the padding's zeros back
     U outside = {};
-    count(load_tail<U>(x + full, n - full) << 1, outside);
+    count(load_tail<U>(x + full, n - full), outside);
     zeros -= full + W - n;
     if (any_set(outside)) count_outside(full, n);
   }
   zeros += horizontal_sum(zero_lanes);
   flush_nibbles();
   flush_bytes();
-  for (int below = 0; below < kWindow; ++below) {
-    const int nibble = below % kNibbles, byte = nibble / 2, field = byte / 2;
-    const U& counts = fields[below / kNibbles][nibble % 2][byte % 2];
-    int64_t count = 0;
-    for (int64_t lane = 0; lane < W; ++lane) count += (counts[lane] >> (16 * field)) & 0xffff;
-    key_counts[top - below] += static_cast<uint32_t>(count);
-  }
+  for (int row = 0; row < kHistRows; ++row)
+    for (int below = 0; below < kWindow; ++below) {
+      const int nibble = below % kNibbles, byte = nibble / 2, field = byte / 2;
+      const U& counts = fields[row][below / kNibbles][nibble % 2][byte % 2];
+      int64_t count = 0;
+      for (int64_t lane = 0; lane < W; ++lane) count += (counts[lane] >> (16 * field)) & 0xffff;
+      key_counts[row * kKeys + top - below] += static_cast<uint32_t>(count);
+    }
 }
 
 // Marks which units saw an element > 0 and which an unsaturated one, for unit runs too
@@ -424,8 +440,9 @@ void reduce_typed_chunk(const T* x, const int64_t* d, double saturation, const C
   std::memcpy(&max_abs, &top_bits, sizeof(max_abs));
   // At least kWindow, so that the window never reaches key 0 (zeros and subnormals).
   const Bits top = std::max<Bits>(top_bits >> L::kMantissaBits, kWindow);
-  uint32_t keys[L::kKeyMask + 1] = {};
-  count_keys<T>(x, n, top, keys, r.hist[kHistZero], r.nan);
+  constexpr int64_t kKeys = L::kKeyMask + 1;
+  uint32_t keys[kHistRows][kKeys] = {};  // every element, the negative ones
+  count_keys<T>(x, n, top, &keys[0][0], r.hist[kHistAll][kHistZero], r.nan);
 
   for (int k = 0; k < 2; ++k) {
     r.sum += horizontal_sum_f64(s.moments.sum[k]);
@@ -434,10 +451,13 @@ void reduce_typed_chunk(const T* x, const int64_t* d, double saturation, const C
   r.max_abs = static_cast<double>(max_abs);
   r.saturated = horizontal_sum(s.saturated);
   constexpr int kBias = L::kKeyMask / 2;
-  r.hist[kHistBelow] = keys[0];  // subnormals
-  for (Bits e = 1; e < L::kKeyMask; ++e)
-    r.hist[hist_bin_for_exponent(static_cast<int>(e) - kBias)] += keys[e];
-  r.hist[kHistNonFinite] = keys[L::kKeyMask];
+  for (int row = 0; row < kHistRows; ++row) {
+    int64_t* hist = r.hist[row];
+    hist[kHistBelow] += keys[row][0];  // subnormals
+    for (Bits e = 1; e < L::kKeyMask; ++e)
+      hist[hist_bin_for_exponent(static_cast<int>(e) - kBias)] += keys[row][e];
+    hist[kHistNonFinite] += keys[row][L::kKeyMask];
+  }
 }
 
 // fp16 and bf16 chunks are widened (exactly) into a float buffer first.

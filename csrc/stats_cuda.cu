@@ -24,8 +24,8 @@ constexpr int kVecBytes = 16;
 
 static_assert(kChunkElems % 8 == 0, "a 16-byte aligned tensor must give 16-byte aligned chunks");
 static_assert(kChunkElems <= std::numeric_limits<int>::max(), "chunk-relative indices are int");
-__device__ __forceinline__ int bin_of(float x) { return hist_bin_f32(__float_as_uint(x)); }
-__device__ __forceinline__ int bin_of(double x) { return hist_bin_f64(f64_bits(x)); }
+__device__ __forceinline__ int slot_of(float x) { return hist_slot_f32(__float_as_uint(x)); }
+__device__ __forceinline__ int slot_of(double x) { return hist_slot_f64(f64_bits(x)); }
 
 // Input dtypes: storage type and the type elements are widened to (exactly, as on the CPU).
 struct F32 {
@@ -221,9 +221,10 @@ class ChunkScan {
 
  private:
   __device__ __forceinline__ void take(V x) {
-    const int bin = bin_of(x);
-    atomicAdd(hist_lane_ + bin * kWarpSize, 1u);
-    const V v = bin == kHistNonFinite ? V(0) : x;  // moments cover finite elements only
+    const int slot = slot_of(x);
+    atomicAdd(hist_lane_ + slot * kWarpSize, 1u);
+    const bool finite = slot % kHistBins != kHistNonFinite;
+    const V v = finite ? x : V(0);  // moments cover finite elements only
     const double d = v;
     acc_.sum += d;
     acc_.sumsq = fma(d, d, acc_.sumsq);
@@ -287,9 +288,11 @@ __device__ int64_t owner_of(const StatsBuffers& buf, int64_t chunk) {
 
 __global__ void __launch_bounds__(kThreads) chunk_kernel(const StatsBuffers buf) {
   // One histogram copy per lane: a warp's atomics never collide, however its values bin.
-  __shared__ unsigned hist[kHistBins * kWarpSize];
+  // Slots: the bins of non-negative elements, then those of negative ones.
+  constexpr int kSlots = kHistRows * kHistBins;
+  __shared__ unsigned hist[kSlots * kWarpSize];
   __shared__ Totals scratch[kWarps];
-  for (int i = threadIdx.x; i < kHistBins * kWarpSize; i += kThreads) hist[i] = 0;
+  for (int i = threadIdx.x; i < kSlots * kWarpSize; i += kThreads) hist[i] = 0;
 
   const int64_t chunk = blockIdx.x;
   const int64_t t = owner_of(buf, chunk);
@@ -336,12 +339,22 @@ __global__ void __launch_bounds__(kThreads) chunk_kernel(const StatsBuffers buf)
       atomicAdd(counts + kSaturated, static_cast<unsigned long long>(total.tally[1]));
     }
   }
-  auto* out_hist = reinterpret_cast<unsigned long long*>(buf.hist + t * kHistBins);
+  auto* out_hist = reinterpret_cast<unsigned long long*>(buf.hist + t * kHistRows * kHistBins);
   for (int b = threadIdx.x; b < kHistBins; b += kThreads) {
-    unsigned count = 0;
-    // Start each bin at a different lane so the threads of a warp hit distinct banks.
-    for (int l = 0; l < kWarpSize; ++l) count += hist[b * kWarpSize + (l + b) % kWarpSize];
-    if (count) atomicAdd(out_hist + b, static_cast<unsigned long long>(count));
+    unsigned count[kHistRows] = {};
+    // Start each slot at a different lane so the threads of a warp hit distinct banks.
+    for (int row = 0; row < kHistRows; ++row) {
+      const int slot = row * kHistBins + b;
+      for (int l = 0; l < kWarpSize; ++l)
+        count[row] += hist[slot * kWarpSize + (l + slot) % kWarpSize];
+    }
+    // Output rows: every element (both slot rows), then the negative ones.
+    const unsigned all = count[0] + count[1];
+    if (all) atomicAdd(out_hist + kHistAll * kHistBins + b, static_cast<unsigned long long>(all));
+    if (count[1]) {
+      atomicAdd(out_hist + kHistNegative * kHistBins + b,
+                static_cast<unsigned long long>(count[1]));
+    }
   }
 }
 
@@ -374,8 +387,8 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const StatsBuffers b
   moments[kSumSq] = total.sumsq;
   moments[kMaxAbs] = total.max_abs;
   int64_t* counts = buf.counts + t * kCountCols;  // NaN and saturated elements added up here
-  finalize_counts(d[kDescNumel], units, buf.saturation[t], buf.hist + t * kHistBins, counts[kNan],
-                  counts[kSaturated], total.tally[0], total.tally[1], counts);
+  finalize_counts(d[kDescNumel], units, buf.saturation[t], buf.hist + t * kHistRows * kHistBins,
+                  counts[kNan], counts[kSaturated], total.tally[0], total.tally[1], counts);
 }
 
 }  // namespace

@@ -296,11 +296,12 @@ def write_shards(
         with RunWriter(path, manifest=manifest, rank=rank) as w:
             for step, t in enumerate(tensors):
                 s = torchvitals.tensor_stats([t], saturation=1.5)
-                cols = {k: v.numpy() for k, v in s.items() if k != "hist"}
+                cols = {k: v.numpy() for k, v in s.items() if k not in ("hist", "neg_hist")}
+                hist = {"counts": s["hist"], "neg_counts": s["neg_hist"]}
                 w.submit("layers", {"step": step, "layer": "w", "kind": "grad", **cols})
-                w.submit("hist", {"step": step, "layer": "w", "kind": "grad", "counts": s["hist"]})
+                w.submit("hist", {"step": step, "layer": "w", "kind": "grad", **hist})
                 w.submit("layers", {"step": step, "layer": "x", "kind": "act", **cols})
-                w.submit("hist", {"step": step, "layer": "x", "kind": "act", "counts": s["hist"]})
+                w.submit("hist", {"step": step, "layer": "x", "kind": "act", **hist})
                 norm = float(s["sumsq"][0]) ** 0.5
                 w.submit("scalars", {"step": step, "name": "grad_norm", "value": norm})
 
@@ -327,8 +328,9 @@ def test_merged_shards_equal_the_statistics_of_the_whole_tensor(tmp_path):
             assert row[key] == want[key][0].item(), key
         for key in ("sum", "sumsq"):
             assert row[key] == pytest.approx(want[key][0].item(), rel=1e-12)
-        counts = hist[(hist["layer"] == "w") & (hist["step"] == step)]["counts"].iloc[0]
-        assert counts.tolist() == want["hist"][0].tolist()
+        hist_row = hist[(hist["layer"] == "w") & (hist["step"] == step)].iloc[0]
+        assert hist_row["counts"].tolist() == want["hist"][0].tolist()
+        assert hist_row["neg_counts"].tolist() == want["neg_hist"][0].tolist()
     # activations stay per rank; the global gradient norm gets a rank -1 row
     assert sorted(layers[layers["layer"] == "x"]["rank"].unique()) == [0, 1, 2]
     norms = run.scalar("grad_norm", rank=MERGED_RANK)[1]

@@ -1,10 +1,11 @@
 """The histogram binning rule, checked on every exponent: the rule as compiled for the
 host (the function the CUDA kernel calls), the CPU kernel, the CUDA kernel where a GPU
-is present, and the float64 reference all give each value the same bin.
+is present, and the float64 reference all give each value the same slot: its bin, in the
+negative row or not.
 
-The rule reads only the exponent field and whether any mantissa bit is set, so every
-exponent with both signs and a sample of mantissas (the edges, and random ones) covers
-every case it distinguishes."""
+The rule reads only the sign, the exponent field and whether any mantissa bit is set, so
+every exponent with both signs and a sample of mantissas (the edges, and random ones)
+covers every case it distinguishes."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import torch
 from torchvitals import _C
 from torchvitals.engine import histogram
 from torchvitals.engine.op import fused_stats
-from torchvitals.engine.reference import hist_bins
+from torchvitals.engine.reference import hist_bins, hist_negative
 
 FORMATS = {
     # dtype: (bits dtype, mantissa bits, exponent bits, host rule)
-    torch.float32: (np.uint32, 23, 8, _C.hist_bins_f32),
-    torch.float64: (np.uint64, 52, 11, _C.hist_bins_f64),
+    torch.float32: (np.uint32, 23, 8, _C.hist_slots_f32),
+    torch.float64: (np.uint64, 52, 11, _C.hist_slots_f64),
 }
 
 
@@ -45,22 +46,29 @@ def host_rule(dtype: torch.dtype, bits: np.ndarray) -> np.ndarray:
     return out
 
 
-def kernel_bins(values: torch.Tensor) -> np.ndarray:
-    """The bin the engine gives each value: one single-element tensor per value, in one call."""
+def reference_slots(values: torch.Tensor) -> np.ndarray:
+    return (hist_bins(values) + histogram.NUM_BINS * hist_negative(values)).numpy()
+
+
+def kernel_slots(values: torch.Tensor) -> np.ndarray:
+    """The slot the engine gives each value: one single-element tensor per value, in one call."""
     _, _, hist = fused_stats(list(values.reshape(-1, 1)))
-    hist = hist.cpu()
-    assert (hist.sum(dim=1) == 1).all()
-    return hist.argmax(dim=1).numpy()
+    every, negative = hist.cpu().unbind(dim=1)
+    assert (every.sum(dim=1) == 1).all()
+    assert (negative.sum(dim=1) <= 1).all() and (negative <= every).all()
+    return (every.argmax(dim=1) + histogram.NUM_BINS * negative.sum(dim=1)).numpy()
 
 
 @pytest.mark.parametrize("dtype", list(FORMATS), ids=str)
 def test_host_rule_matches_the_reference_on_every_exponent(dtype):
     bits = every_exponent(dtype)
     values = torch.from_numpy(bits.view(np.float32 if dtype == torch.float32 else np.float64))
-    expected = hist_bins(values).numpy()
+    expected = reference_slots(values)
     np.testing.assert_array_equal(host_rule(dtype, bits), expected)
-    # every bin is reached, so no part of the rule goes untested
-    assert set(expected.tolist()) == set(range(histogram.NUM_BINS))
+    # every bin is reached with each sign (but zeros and NaNs, never negative), so no part
+    # of the rule goes untested
+    never_negative = {histogram.NUM_BINS + histogram.ZERO_BIN}
+    assert set(expected.tolist()) == set(range(2 * histogram.NUM_BINS)) - never_negative
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -70,7 +78,7 @@ def test_kernel_bins_match_the_reference_on_every_exponent(device, dtype):
         pytest.skip("no GPU")
     bits = every_exponent(dtype, mantissas_per_exponent=4)
     values = torch.from_numpy(bits.view(np.float32 if dtype == torch.float32 else np.float64))
-    np.testing.assert_array_equal(kernel_bins(values.to(device)), hist_bins(values).numpy())
+    np.testing.assert_array_equal(kernel_slots(values.to(device)), reference_slots(values))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -81,6 +89,6 @@ def test_half_formats_bin_every_bit_pattern_like_the_reference(device, dtype):
         pytest.skip("no GPU")
     values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
     widened = values.float().numpy().view(np.uint32)
-    expected = hist_bins(values).numpy()
+    expected = reference_slots(values)
     np.testing.assert_array_equal(host_rule(torch.float32, widened), expected)
-    np.testing.assert_array_equal(kernel_bins(values.to(device)), expected)
+    np.testing.assert_array_equal(kernel_slots(values.to(device)), expected)

@@ -172,7 +172,7 @@ def test_histogram_bins_are_powers_of_two(device):
         ],
         dtype=torch.float64,
     )
-    row = torchvitals.tensor_stats(values.to(device))["hist"][0].cpu()
+    stats = torchvitals.tensor_stats(values.to(device))
     first = histogram.FIRST_EXP_BIN - histogram.MIN_EXP  # bin of 2^0
     expected = torch.zeros(histogram.NUM_BINS, dtype=torch.int64)
     for b in (
@@ -181,7 +181,11 @@ def test_histogram_bins_are_powers_of_two(device):
         histogram.ABOVE_BIN, histogram.NONFINITE_BIN, histogram.NONFINITE_BIN,
     ):  # fmt: skip
         expected[b] += 1
-    assert torch.equal(row, expected)
+    assert torch.equal(stats["hist"][0].cpu(), expected)
+    # Negative: -2.0 and -inf; -0.0 and NaN never are.
+    negative = torch.zeros(histogram.NUM_BINS, dtype=torch.int64)
+    negative[first + 1] = negative[histogram.NONFINITE_BIN] = 1
+    assert torch.equal(stats["neg_hist"][0].cpu(), negative)
 
 
 def test_hist_edges_describe_every_bin():

@@ -34,6 +34,8 @@ def test_negation_bit_is_read_with_its_sign():
     got = torchvitals.tensor_stats([x, neg, -x], feature_dim=1)
     assert got["sum"].tolist() == [-2.0, 2.0, 2.0]
     assert got["dead_units"].tolist() == [1, 1, 1]  # column 1 of x, column 0 of -x
+    assert torch.equal(got["neg_hist"][1], got["neg_hist"][2])  # the signs of -x
+    assert not torch.equal(got["neg_hist"][0], got["neg_hist"][1])
     z = torch.tensor([1 + 2j, 3 - 4j]).conj()
     assert torchvitals.tensor_stats(z.imag)["sum"].tolist() == [2.0]  # -2 + 4
 

@@ -17,6 +17,7 @@ import torch
 from torchvitals.collect.distributed import LIVE_SCALARS
 from torchvitals.collect.host_copy import HostCopy
 from torchvitals.collect.reductions import Reduction
+from torchvitals.engine import histogram
 from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 from torchvitals.engine.derived import gradient_totals, norm
 
@@ -116,8 +117,13 @@ class StepRecord:
         return cols
 
     def hist_columns(self) -> dict[str, Any]:
-        """``hist`` rows: one per recorded tensor."""
-        return {**self._rows(), "counts": self._stacked("hist")}
+        """``hist`` rows: one per recorded tensor, every element and the negative ones."""
+        hist = self._stacked("hist")
+        return {
+            **self._rows(),
+            "counts": hist[:, histogram.ALL_ROW],
+            "neg_counts": hist[:, histogram.NEGATIVE_ROW],
+        }
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,12 @@ def output_buffers(
     count: int, device: torch.device, alloc: Callable[..., torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moments [T, len(MOMENT_KEYS)]`` float64, ``counts [T, len(COUNT_KEYS)]`` and
-    ``hist [T, NUM_BINS]`` int64, allocated by ``alloc`` (``torch.empty`` or ``zeros``)."""
+    ``hist [T, ROWS, NUM_BINS]`` int64 (every element, then the negative ones), allocated by
+    ``alloc`` (``torch.empty`` or ``zeros``)."""
     return (
         alloc(count, len(MOMENT_KEYS), dtype=torch.float64, device=device),
         alloc(count, len(COUNT_KEYS), dtype=torch.int64, device=device),
-        alloc(count, histogram.NUM_BINS, dtype=torch.int64, device=device),
+        alloc(count, histogram.ROWS, histogram.NUM_BINS, dtype=torch.int64, device=device),
     )
 
 

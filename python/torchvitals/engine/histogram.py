@@ -2,7 +2,10 @@
 
 Bin 0 counts exact zeros, bin 1 finite values below ``2**MIN_EXP``, then one bin per
 power of two (``2**k <= |x| < 2**(k+1)`` for ``k`` in ``[MIN_EXP, MAX_EXP]``), then
-finite values ``>= 2**(MAX_EXP + 1)``, and last NaN and +-Inf. The window is fixed, so
+finite values ``>= 2**(MAX_EXP + 1)``, and last NaN and +-Inf. The engine counts twice
+over these bins: every element (``hist``) and the negative ones alone (``neg_hist``:
+``x < 0``, so never a zero or a NaN, and ``-Inf`` in the last bin), which keeps the sign
+that TensorBoard and wandb histograms show. The window is fixed, so
 no min/max pre-pass (and no host sync) is needed, and rows of different steps and
 layers are directly comparable. The constants come from the compiled engine
 (``csrc/stats.h``), the single source of truth.
@@ -19,6 +22,10 @@ from torchvitals import _C
 MIN_EXP: int = _C.HIST_MIN_EXP
 MAX_EXP: int = _C.HIST_MAX_EXP
 NUM_BINS: int = _C.HIST_BINS
+#: Rows of the engine's histogram output per tensor: every element, then the negative ones.
+ROWS: int = _C.HIST_ROWS
+ALL_ROW = 0
+NEGATIVE_ROW = 1
 ZERO_BIN = 0
 BELOW_BIN = 1
 FIRST_EXP_BIN = 2

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from torchvitals.engine import histogram
 from torchvitals.engine.arguments import per_tensor
 from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 from torchvitals.engine.dispatch import DTYPE_CODES, NO_FEATURE, output_buffers, run_engine
@@ -68,7 +69,8 @@ def fused_stats(
     saturation: float | Sequence[float | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The engine's raw outputs: ``moments [T, 3]`` (columns ``MOMENT_KEYS``, float64),
-    ``counts [T, 8]`` (columns ``COUNT_KEYS``, int64) and ``hist [T, B]`` (int64)."""
+    ``counts [T, 8]`` (columns ``COUNT_KEYS``, int64) and ``hist [T, 2, B]`` (int64: every
+    element, then the negative ones, by log2 bin of ``|x|``)."""
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     tensors = list(tensors)
@@ -104,15 +106,17 @@ def tensor_stats(
 ) -> dict[str, torch.Tensor]:
     """Every statistic of each tensor, in one fused pass, without a host sync.
 
-    Returns a dict of 1-d tensors with one entry per input (``hist`` is ``[T, B]``), on
-    the inputs' device: ``numel, sum, sumsq, max_abs, nan, inf, zeros, saturated, hist,
-    units, dead_units, saturated_units``. ``feature_dim`` and ``saturation`` take one
-    value for all tensors or one per tensor. See the README for exact definitions.
+    Returns a dict of 1-d tensors with one entry per input (``hist`` and ``neg_hist`` are
+    ``[T, B]``), on the inputs' device: ``numel, sum, sumsq, max_abs, nan, inf, zeros,
+    saturated, hist, neg_hist, units, dead_units, saturated_units``. ``feature_dim`` and
+    ``saturation`` take one value for all tensors or one per tensor. See the README for
+    exact definitions.
     """
     moments, counts, hist = fused_stats(tensors, feature_dim=feature_dim, saturation=saturation)
     out = {key: counts[:, i] for i, key in enumerate(COUNT_KEYS)}
     out.update({key: moments[:, i] for i, key in enumerate(MOMENT_KEYS)})
-    out["hist"] = hist
+    out["hist"] = hist[:, histogram.ALL_ROW]
+    out["neg_hist"] = hist[:, histogram.NEGATIVE_ROW]
     return out
 
 

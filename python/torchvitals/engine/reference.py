@@ -24,6 +24,7 @@ STAT_KEYS = (
     "zeros",
     "saturated",
     "hist",
+    "neg_hist",
     "units",
     "dead_units",
     "saturated_units",
@@ -44,9 +45,16 @@ def hist_bins(x: torch.Tensor) -> torch.Tensor:
     return bins
 
 
-def _hist_row(x: torch.Tensor) -> torch.Tensor:
-    """log2 histogram of one tensor."""
-    return torch.bincount(hist_bins(x).reshape(-1), minlength=histogram.NUM_BINS)
+def hist_negative(x: torch.Tensor) -> torch.Tensor:
+    """Whether each element counts in the negative histogram: ``x < 0`` (never a zero or a
+    NaN; ``-Inf`` is negative)."""
+    return x.detach().to("cpu", torch.float64) < 0
+
+
+def _hist_row(x: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+    """log2 histogram of one tensor's elements (of those where ``where`` holds)."""
+    bins = hist_bins(x) if where is None else hist_bins(x)[where]
+    return torch.bincount(bins.reshape(-1), minlength=histogram.NUM_BINS)
 
 
 def _unit_counts(x: torch.Tensor, feature_dim: int, threshold: float) -> tuple[int, int, int]:
@@ -85,6 +93,7 @@ def tensor_stats_reference(
         rows["zeros"].append(int((x == 0).sum()))
         rows["saturated"].append(int((x.abs() >= threshold).sum()))
         rows["hist"].append(_hist_row(x))
+        rows["neg_hist"].append(_hist_row(x, hist_negative(x)))
         units = (0, 0, 0) if feature_dim is None else _unit_counts(x, feature_dim, threshold)
         rows["units"].append(units[0])
         rows["dead_units"].append(units[1])
@@ -92,7 +101,7 @@ def tensor_stats_reference(
 
     out = {}
     for key, values in rows.items():
-        if key == "hist":
+        if key in ("hist", "neg_hist"):
             out[key] = (
                 torch.stack(values)
                 if values

@@ -494,10 +494,15 @@ def _merge_shards(name: str, table: pa.Table, manifests: Mapping[int, dict]) -> 
                 cols[key] = _group_reduce(shards.column(key), order, starts, ufunc)
         else:
             bins = int(lengths[0])
-            flat = pc.list_flatten(shards.column("counts")).to_numpy(zero_copy_only=False)
-            summed = np.add.reduceat(flat.reshape(n, bins)[order], starts, axis=0)
             offsets = pa.array(np.arange(len(starts) + 1) * bins, pa.int32())
-            cols["counts"] = pa.ListArray.from_arrays(offsets, pa.array(summed.ravel()))
+            for key in ("counts", "neg_counts"):
+                column = shards.column(key)
+                if column.null_count:  # a run from before signed histograms
+                    cols[key] = pa.nulls(len(starts), column.type)
+                    continue
+                flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+                summed = np.add.reduceat(flat.reshape(n, bins)[order], starts, axis=0)
+                cols[key] = pa.ListArray.from_arrays(offsets, pa.array(summed.ravel()))
         merged = pa.Table.from_arrays(
             [cols[f.name] for f in SCHEMAS[name]], schema=SCHEMAS[name]
         ).filter(pa.array(complete))

@@ -110,6 +110,8 @@ HIST = pa.schema(
         _LAYER,
         _KIND,
         pa.field("counts", pa.list_(pa.int64())),
+        # The negative elements of each bin of ``counts`` (schema version 3; null before).
+        pa.field("neg_counts", pa.list_(pa.int64())),
         _SHARDS_COMPLETE,
     ],
     metadata=_meta("hist"),
