@@ -40,6 +40,6 @@ def test_mathtext_characters_in_layer_names_render_literally(tmp_path):
     run = load_run(path)
     out = write_report(run, [], tmp_path / "report.html")  # raised ValueError before
     page = out.read_text()
-    assert "Histogram evolution: $\\foo{$" in page
+    assert "data-layer='$\\foo{$'" in page  # its histogram, the name as written
     pngs = re.findall(r"base64,([A-Za-z0-9+/=]+)", page)
     assert len(pngs) >= 4 and all(base64.b64decode(p)[:4] == b"\x89PNG" for p in pngs)
