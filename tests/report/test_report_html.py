@@ -174,7 +174,9 @@ def test_histogram_series_agrees_with_histogram_matrix(deep):
         steps, counts = histogram_matrix(run, layer, kind)
         np.testing.assert_array_equal(h.steps, steps)
         np.testing.assert_array_equal(h.counts, counts)
-        assert h.neg is None  # this run records no signs
+        # the Monitor records signs: some of every bin is negative, never more than all
+        assert h.neg is not None and h.neg.shape == h.counts.shape
+        assert (h.neg <= h.counts).all()
 
 
 def signed_table(rng, steps: int = 6) -> pa.Table:

@@ -217,8 +217,10 @@ def _list_rows(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     if valid.all():
         flat = col.flatten().to_numpy(zero_copy_only=False)
         return flat.reshape(len(col), -1), valid
+    if not valid.any():  # e.g. neg_counts of a run from before signed histograms
+        return np.zeros((len(col), 0), dtype=np.int64), valid
     flat = col.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False)
-    out = np.zeros((len(col), flat.size // max(int(valid.sum()), 1)), dtype=np.int64)
+    out = np.zeros((len(col), flat.size // int(valid.sum())), dtype=np.int64)
     out[valid] = flat.reshape(int(valid.sum()), -1)
     return out, valid
 
