@@ -182,36 +182,6 @@ def test_manifest_lists_layers_and_what_is_recorded_of_them():
     assert len(manifest["hist_edges"]["labels"]) > 0
 
 
-def test_a_forward_that_raised_is_discarded_not_merged_into_the_next():
-    class Flaky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
-            self.fail = True
-
-        def forward(self, x):
-            h = self.act(self.fc1(x))
-            if self.fail:
-                self.fail = False
-                raise RuntimeError("bad batch")
-            return self.fc2(h)
-
-    model = Flaky()
-    reductions = StepReductions()
-    capture = ActivationCapture(
-        model, reductions, act_every=1, grad_every=1, warn_once=lambda *a: None
-    )
-    model.register_forward_pre_hook(lambda m, a: capture.begin_forward())
-    model.register_forward_hook(lambda m, a, o: capture.end_forward())
-    for module, spec in select_modules(model):
-        module.register_forward_hook(capture.activation_hook(spec))
-    with pytest.raises(RuntimeError, match="bad batch"):
-        model(torch.randn(3, 4))
-    model(torch.randn(3, 4))  # the retry, same step
-    (acts,) = reductions.take()
-    assert acts.names == ["fc1", "act", "fc2"]  # once each: nothing of the failed forward
-
-
 def test_outputs_without_a_dense_float_tensor_are_skipped_with_one_warning():
     class DictOut(nn.Module):
         def forward(self, x):

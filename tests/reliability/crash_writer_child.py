@@ -1,4 +1,4 @@
-"""Child process for tests/test_crash.py (not a test module).
+"""Child process for tests/reliability/test_crash.py (not a test module).
 
 usage: python crash_writer_child.py RUN_DIR MODE
 MODE "loop": write forever (the parent SIGKILLs us); after every explicit flush print

@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL at random moments loses at most the unflushed tail; atexit flushes."""
+"""Crash safety: SIGKILL at random moments loses at most the unflushed tail (the writer
+alone, and a training process with a Monitor); atexit flushes."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import random
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
 
 import numpy as np
 
+import torchvitals
 from torchvitals.store.reader import load_run
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_writer_child.py")
@@ -105,3 +108,67 @@ def test_normal_exit_without_close_is_flushed_by_atexit(tmp_path):
     assert run.scalar("loss")[0].tolist() == list(range(100))
     assert run.layers.num_rows == 1600 and run.hist.num_rows == 1600
     assert run.manifest["rows_written"] == {"scalars": 100, "layers": 1600, "hist": 1600}
+
+
+TRAINER = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    import torchvitals
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = torchvitals.Monitor(model, sys.argv[1], optimizer=opt, flush_interval=0.1)
+    step = 0
+    while True:
+        x = torch.randn(32, 8)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        mon.step(loss=loss)
+        print(step, flush=True)
+        step += 1
+    """
+)
+
+
+def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path):
+    path = tmp_path / "run"
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for line in proc.stdout:
+            if int(line) >= 50:
+                break
+        reached = int(line)
+        # The writer flushes every 0.1 s on its own: wait (while training goes on) until
+        # every step up to `reached` is on disk, then kill.
+        deadline = time.monotonic() + 60
+        while not on_disk(path, reached):
+            assert time.monotonic() < deadline, f"steps up to {reached} never reached the disk"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert on_disk(path, reached)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not torchvitals.load_run(path).closed
+
+
+def on_disk(path, last: int) -> bool:
+    """Whether the run's loss scalars and layer rows hold every step up to ``last``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a torn last batch is reported as a warning
+        try:
+            run = torchvitals.load_run(path)
+        except FileNotFoundError:
+            return False
+    wanted = set(range(last + 1))
+    if "loss" not in run.scalar_names():
+        return False
+    return wanted <= set(run.scalar("loss")[0].tolist()) and wanted <= set(
+        run.to_pandas("layers")["step"]
+    )

@@ -1,14 +1,10 @@
-"""The writer's start and a fork: a fast loop right after the start loses nothing while
-the writer thread gets ready, and a forked child never writes (nor closes) the parent's
-run."""
+"""No drops at the start: a fast loop right after the writer's start (its thread slowed
+down, as under CPU contention) loses nothing while the writer thread gets ready; once it
+is ready, "drop" mode drops (and counts) again."""
 
 from __future__ import annotations
 
-import os
 import threading
-import warnings
-
-import pytest
 
 from torchvitals.store import submit_queue
 from torchvitals.store import writer as writer_module
@@ -46,32 +42,3 @@ def test_drop_mode_drops_again_once_the_writer_is_ready(tmp_path, monkeypatch):
     queue = submit_queue.SubmitQueue(2, "drop")
     assert queue.put(1, lambda: True) and queue.put(2, lambda: True)
     assert not queue.put(3, lambda: True) and queue.dropped == 1
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_never_writes_or_closes_the_parents_run(tmp_path):
-    w = RunWriter(tmp_path / "run", manifest=MANIFEST)
-    w.submit("scalars", {"step": 0, "name": "loss", "value": 1.0})
-    w.flush()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: submit, close, and exit normally (atexit runs)
-        os.close(read)
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                accepted = w.submit("scalars", {"step": 1, "name": "loss", "value": 2.0})
-                w.close()
-            said = any("is a fork of" in str(c.message) for c in caught)
-            os.write(write, b"ok" if not accepted and said else b"bad")
-        finally:
-            os._exit(0)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    assert os.read(read, 8) == b"ok" and status == 0
-    os.close(read)
-    w.submit("scalars", {"step": 2, "name": "loss", "value": 3.0})
-    w.close()
-    run = load_run(tmp_path / "run")
-    assert run.scalar("loss")[0].tolist() == [0, 2]
-    assert run.manifest["rows_written"]["scalars"] == 2 and run.closed

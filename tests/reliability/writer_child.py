@@ -1,4 +1,4 @@
-"""Child process for test_writer_faults.py (not a test module): holds a RunWriter of
+"""Child process for test_directory_and_lock.py (not a test module): holds a RunWriter of
 rank 0 on RUN_DIR, prints "ready", then writes until killed."""
 
 from __future__ import annotations

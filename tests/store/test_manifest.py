@@ -58,24 +58,6 @@ def test_started_at_defaults_to_now(tmp_path):
     assert read(m.path)["started_at"].endswith("+00:00")
 
 
-def test_manifest_never_written_through_a_link(tmp_path):
-    target = tmp_path / "elsewhere.json"
-    target.write_text("precious")
-    (tmp_path / "manifest.rank0.json").symlink_to(target)
-    m = ManifestFile(str(tmp_path), 0, {}, settings={})
-    try:
-        m.write_start()
-    except OSError as exc:
-        assert "symbolic link" in str(exc) and "manifest.rank0.json" in str(exc)
-    else:
-        raise AssertionError("wrote through a symbolic link")
-    assert target.read_text() == "precious"
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("writer.")) == [
-        "elsewhere.json",
-        "manifest.rank0.json",
-    ]  # no temporary file left behind
-
-
 def _check(distributed: dict) -> dict:
     text = json.dumps({"schema_version": SCHEMA_VERSION, "distributed": distributed}).encode()
     return check_manifest(text, "m.json", 0)[0]

@@ -168,22 +168,6 @@ def test_a_failed_write_is_taken_back_and_the_next_segment_opened(tmp_path, monk
     assert segs.rows_written["scalars"] == 6
 
 
-def test_a_link_in_the_way_is_never_written_through(tmp_path):
-    target = tmp_path / "target"
-    target.write_bytes(b"precious")
-    (tmp_path / "scalars.rank0.000000.arrows").symlink_to(target)
-    taken = []
-    segs = SegmentFiles(
-        str(tmp_path), 0, 1 << 20, on_taken=lambda e, p: taken.append((e, p)), compact=False
-    )
-    segs.write("scalars", batch(n=2))
-    segs.close_all(on_error=pytest.fail)
-    assert target.read_bytes() == b"precious"
-    ((exc, path),) = taken
-    assert path.endswith("scalars.rank0.000000.arrows") and "symbolic link" in str(exc)
-    assert rows(str(tmp_path / "scalars.rank0.000001.arrows")) == 2
-
-
 def _hist_batch():
     b = TableBuilder("hist", 0)
     b.add({"step": 0, "layer": "fc", "kind": "grad", "counts": [[1, 2]]})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import threading
@@ -297,100 +296,6 @@ def _train(w, steps=200):
 
 def _torchvitals_warnings(rec):
     return [str(r.message) for r in rec if "torchvitals" in str(r.message)]
-
-
-class FullDisk:
-    """The disk as the segment files see it: ``full`` until the test frees it."""
-
-    def __init__(self, monkeypatch):
-        self.full = True
-        real = segments_module.write_all
-
-        def write_all(fd, data):
-            if self.full:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(fd, data)
-
-        monkeypatch.setattr(segments_module, "write_all", write_all)
-
-
-def test_full_disk_then_space_returns(tmp_path, monkeypatch):
-    """Writing stalls on a full disk (dropped, counted, warned once) and resumes once
-    space returns; the manifest's counts match what is on disk."""
-    path = str(tmp_path / "run")
-    disk = FullDisk(monkeypatch)
-    submitted = 0
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        w = RunWriter(path, manifest=MANIFEST, flush_interval=0.01)
-        submitted += _train(w, 100)
-        assert w.write_errors == 1 and w.dropped > 0
-        disk.full = False
-        deadline = time.monotonic() + 60  # guards against a hang only: back-off is 0.5 s
-        while w.rows_written["scalars"] == 0 and time.monotonic() < deadline:
-            w.submit("scalars", {"step": submitted, "name": "loss", "value": 0.0})
-            submitted += 1
-            w.flush()
-        w.close()
-    msgs = _torchvitals_warnings(rec)
-    assert len(msgs) == 2, msgs
-    assert "scalars.rank0.000000.arrows" in msgs[0] and "No space left on device" in msgs[0]
-    assert "resumed" in msgs[1] and path in msgs[1]
-    assert w.write_errors == 1 and w.write_retries >= 1
-    run = load_run(path)
-    steps = run.scalar("loss")[0]
-    assert len(steps) + w.dropped == submitted  # every item written or counted
-    m = run.manifest
-    assert m["rows_written"]["scalars"] == run.scalars.num_rows  # incl. the dropped-count row
-    assert m["write_errors"] == 1 and m["dropped_batches"] == w.dropped
-    assert m["write_retries"] == w.write_retries
-
-
-def test_full_disk_strict_raises(tmp_path, monkeypatch):
-    FullDisk(monkeypatch)
-    path = str(tmp_path / "run")
-    w = RunWriter(path, manifest=MANIFEST, strict=True)
-    w.submit("scalars", {"step": 0, "name": "loss", "value": 1.0})
-    with pytest.raises(OSError) as ei:
-        w.flush()
-    assert ei.value.errno == errno.ENOSPC
-    w.close()  # error already delivered: close does not raise again
-
-
-def test_planted_link_is_not_written_through(tmp_path):
-    path = str(tmp_path / "run")
-    target = tmp_path / "victim"
-    target.write_bytes(b"precious")
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        w = RunWriter(path, manifest=MANIFEST, flush_interval=0.01)
-        os.symlink(target, os.path.join(path, "scalars.rank0.000000.arrows"))
-        _train(w, 10)
-        w.close()
-    assert target.read_bytes() == b"precious"
-    msgs = _torchvitals_warnings(rec)
-    assert len(msgs) == 1 and "scalars.rank0.000000.arrows" in msgs[0]
-    assert "symbolic link" in msgs[0]
-    assert w.write_errors == 1 and w.dropped == 0
-    assert load_run(path).scalar("loss")[0].tolist() == list(range(10))  # in segment 1
-
-
-def test_enospc_from_sink_monkeypatched(tmp_path, monkeypatch):
-    def no_space(self, table, batch):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(SegmentFiles, "write", no_space)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        with RunWriter(str(tmp_path / "run"), manifest=MANIFEST) as w:
-            _train(w)
-    assert len(_torchvitals_warnings(rec)) == 1
-    assert w.write_errors == 1 and w.dropped == 200
-
-    w = RunWriter(str(tmp_path / "run2"), manifest=MANIFEST, strict=True)
-    w.submit("scalars", {"step": 0, "name": "loss", "value": 1.0})
-    with pytest.raises(OSError, match="No space left"):
-        w.close()
 
 
 def test_unwritable_directory(tmp_path):
