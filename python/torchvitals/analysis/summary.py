@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from torchvitals.store.merge import whole_layer_rows
 from torchvitals.store.schema import dictionary_codes
 
 from .events import Event
@@ -195,7 +196,7 @@ def histogram_matrix(run: Run, layer: str, kind: str) -> tuple[np.ndarray, np.nd
     :func:`torchvitals.hist_edges` at ``steps[j]``, in the order the rows are stored. Only
     the lowest rank present is used, so rows merged across ranks (rank -1) win. ``None``
     when the run has no such rows."""
-    table = run.hist
+    table = whole_layer_rows(run.hist)
     rows = table.filter(
         pc.and_(
             pc.equal(pc.cast(table["layer"], pa.string()), layer),
@@ -244,6 +245,7 @@ def histogram_series(run: Run) -> Iterator[tuple[tuple[str, str], HistogramSerie
     table = getattr(run, "hist", None)
     if table is None or table.num_rows == 0:
         return
+    table = whole_layer_rows(table)  # a shard's part of a parameter is no layer's histogram
     lcodes, lnames = dictionary_codes(table.column("layer"))
     kcodes, knames = dictionary_codes(table.column("kind"))
     keep = np.flatnonzero(_one_rank(table, lcodes, kcodes))  # merged rows (-1) win

@@ -157,7 +157,12 @@ def whole_layer_rows(table: pa.Table) -> pa.Table:
     rows of a shard left unmerged (``shards_complete`` 0: a rank's part of a sharded
     parameter whose other shards are missing). What is left describes whole tensors: use
     it wherever a row is read as a layer's statistic (norms, counts, histograms)."""
-    return table.filter(pc.not_equal(pc.fill_null(table.column("shards_complete"), 1), 0))
+    if "shards_complete" not in table.column_names:  # a table from before schema version 3
+        return table
+    partial = pc.equal(pc.fill_null(table.column("shards_complete"), 1), 0)
+    if not pc.any(partial).as_py():
+        return table  # the common case: no copy
+    return table.filter(pc.invert(partial))
 
 
 def superseded_rows(table: pa.Table) -> int:
