@@ -21,12 +21,16 @@ from 0.3 to 0.15 counts like one from 3.0 to 1.5, and accuracy is handled as log
    the transition. With a learning rate series, a sudden LR decrease (by >= 30% in total and >=
    20% in one logged step) near it makes it ``lr_drop``; otherwise it is ``kick_in``. Gradual
    schedules (cosine, linear) never change by 20% in one step, except at their very end.
+   Where nothing is found at ``w``, the search is repeated at ``4 w`` for a large (>= x0.9),
+   gradual fall from a level, whose onset is where a tenth of the fall is done.
 3. **Plateaus** (``plateaus.py``): the stretch before each improvement that stays within a
    quarter of the improvement's depth and moves at most a fifth as fast as the transition, if it
-   is at least ``max(5, n/10)`` coarse points long.
+   is at least ``max(5, n/10)`` coarse points long. A kick-in with no plateau before it, right
+   after another kick-in, is that kick-in going on: folded into it (one event per phenomenon).
 4. **Gradual divergence** (``divergence.py``): the smoothed curve ends well above its minimum
-   (by ``max(6 sigma, log 1.25)``), is near its worst at the end, and the rise does not start
-   inside a spike's recovery.
+   (by six standard errors of the difference of two medians, and at least log 1.25), is near
+   its worst at the end, and the rise does not start inside a spike's recovery. A logged LR
+   rise just before a divergence is folded into it.
 """
 
 from __future__ import annotations
