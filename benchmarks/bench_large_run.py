@@ -102,27 +102,32 @@ from torchvitals.analysis.summary import histogram_layers, histogram_matrix
 from torchvitals.store.reader import load_run
 from torchvitals.store.scan import scan_run
 imported_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 t0 = time.perf_counter()
 try:
     if mode == "lazy":
         run = scan_run(path)
-        hist = run.histogram
+        hists = lambda pairs: list(run.histograms(pairs).values())  # one pass for all
     else:
         run = load_run(path)
-        hist = lambda layer, kind: histogram_matrix(run, layer, kind)
+        hists = lambda pairs: [histogram_matrix(run, *pair) for pair in pairs]
     t_open = time.perf_counter() - t0
     step, loss, lr, series = series_from_run(run)
     t_series = time.perf_counter() - t0
+    cpu_series = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
     events = detect_events(loss=loss, step=step, lr=lr, **series)
     t_events = time.perf_counter() - t0
-    shown = [hist(layer, "grad") for layer in histogram_layers(run, series)]
+    shown = hists([(layer, "grad") for layer in histogram_layers(run, series)])
     out = {"ok": True, "open_s": t_open, "series_s": t_series, "events_s": t_events,
+           "series_cpu_s": cpu_series,
            "total_s": time.perf_counter() - t0, "events": len(events), "steps": len(step),
            "series": len(series), "histograms": sum(h is not None for h in shown)}
 except MemoryError:
     out = {"ok": False, "why": "MemoryError (did not fit under the cap)",
            "total_s": time.perf_counter() - t0}
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+usage = resource.getrusage(resource.RUSAGE_SELF)
+out["peak_rss_mb"] = usage.ru_maxrss / 1024
+out["cpu_s"] = usage.ru_utime + usage.ru_stime  # imports included
 out["rss_after_imports_mb"] = imported_mb
 print(json.dumps(out))
 """
@@ -163,13 +168,17 @@ def main() -> None:
     parser.add_argument("--eager-cap-gb", type=float, default=12.0)
     parser.add_argument("--dir", help="where to write the run (default: a temporary directory)")
     parser.add_argument("--name", default="large-run-cpu")
+    parser.add_argument(
+        "--reuse", action="store_true", help="read the run already in --dir (do not write one)"
+    )
     args = parser.parse_args()
     work = Path(args.dir or tempfile.mkdtemp(prefix="tv-large-"))
     path = work / "run"
     try:
         t0 = time.perf_counter()
-        for rank in range(args.ranks):
-            write_rank(path, rank, args.ranks, args.tensors, args.steps, args.every)
+        if not (args.reuse and path.is_dir()):
+            for rank in range(args.ranks):
+                write_rank(path, rank, args.ranks, args.tensors, args.steps, args.every)
         waited = wait_compacted(path)
         write_s = time.perf_counter() - t0
         disk = sum(f.stat().st_size for f in path.iterdir())
