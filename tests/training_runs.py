@@ -348,8 +348,9 @@ def planted_lr_schedule(path, seed: int = 0, drops=(150, 300, 450), steps: int =
 
 
 def planted_tanh_lr_drop(path, seed: int = 0, at: int = 300, steps: int = 500):
-    """A tanh MLP by SGD at a high LR: its units saturate; the LR cut x0.1 at ``at``
-    releases them and the loss falls."""
+    """A tanh MLP by SGD at a high LR: its units saturate (the weights grow: sat_frac ~0.7
+    to the end); the LR cut x0.1 at ``at`` lowers the minibatch noise and the loss falls.
+    (Saturation released by an LR cut: ``tests/analysis/planted_cases.py`` tanh_release.)"""
     model = named_mlp(seed, names=("fc1", "tanh", "head"))
     model.tanh = nn.Tanh()
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
