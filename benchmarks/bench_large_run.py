@@ -176,7 +176,8 @@ def main() -> None:
     path = work / "run"
     try:
         t0 = time.perf_counter()
-        if not (args.reuse and path.is_dir()):
+        reused = args.reuse and path.is_dir()
+        if not reused:
             for rank in range(args.ranks):
                 write_rank(path, rank, args.ranks, args.tensors, args.steps, args.every)
         waited = wait_compacted(path)
@@ -197,7 +198,7 @@ def main() -> None:
                 "rows": rows,
                 "write_s": round(write_s, 1),
                 "compaction_after_close_s": round(waited, 1),
-                "rows_per_s_written": round(sum(rows.values()) / write_s),
+                "rows_per_s_written": None if reused else round(sum(rows.values()) / write_s),
             },
             "lazy": child("lazy", path, args.eager_cap_gb),
         }

@@ -248,9 +248,13 @@ def lowest_rank_rows(chunks: Iterable[pa.Table]) -> pa.Table:
         kept.append((chunk.filter(pa.array(mask)), series[mask]))
     if not kept:
         return empty_table("layers").select(list(SERIES_COLUMNS))
-    # a lower rank found later: drop the rows kept before it
-    out = [part.filter(pa.array(best[s] == part.column("rank").to_numpy())) for part, s in kept]
-    return pa.concat_tables(out).unify_dictionaries().combine_chunks()
+    # a lower rank found later: drop the rows kept before it (one chunk copied at a time;
+    # the result stays in chunks: its reader combines one column at a time)
+    out = []
+    for i, (part, s) in enumerate(kept):
+        kept[i] = None
+        out.append(part.filter(pa.array(best[s] == part.column("rank").to_numpy())))
+    return pa.concat_tables(out).unify_dictionaries()
 
 
 def _split(pending: list[Piece], below: int | None) -> tuple[list[Piece], list[Piece]]:
