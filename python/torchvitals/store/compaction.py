@@ -83,25 +83,54 @@ def column_digest(column: pa.ChunkedArray | pa.Array) -> int:
     """nh64 of a column's values in a form that does not depend on how they are encoded
     (labels as their sorted strings and ranks among them, lists as lengths and values,
     nulls as a mask)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = column
+    if isinstance(column, pa.ChunkedArray):
+        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         arr = arr.dictionary_encode()
-    parts = [np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.uint8)]
+    if arr.null_count:
+        parts = [np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.uint8)]
+    else:
+        parts = [np.ones(len(arr), dtype=np.uint8)]
     if pa.types.is_dictionary(arr.type):
         labels = [str(x) for x in arr.dictionary.to_pylist()]
-        codes = pc.fill_null(arr.indices, 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        used = sorted({labels[c] for c in np.unique(codes)}) if len(codes) else []
+        codes = _values(arr.indices).astype(np.int64)
+        used = sorted({labels[c] for c in _codes_used(codes, len(labels))}) if len(codes) else []
         where = {label: i for i, label in enumerate(used)}
         canon = np.array([where.get(label, -1) for label in labels] or [0], dtype=np.int64)
         parts += [np.frombuffer("\x00".join(used).encode("utf-8", "surrogatepass"), np.uint8)]
-        parts.append(canon[codes] if len(codes) else codes)
+        if len(codes) and not np.array_equal(canon, np.arange(len(canon))):
+            codes = canon[codes]  # (the identity when the labels are sorted and all used)
+        parts.append(codes)
     elif pa.types.is_list(arr.type):
         lengths = pc.fill_null(pc.list_value_length(arr), 0)
         parts.append(lengths.to_numpy(zero_copy_only=False).astype(np.int64))
-        parts.append(pc.fill_null(arr.flatten(), 0).to_numpy(zero_copy_only=False))
+        parts.append(_values(arr.flatten()))
     else:
-        parts.append(pc.fill_null(arr, 0).to_numpy(zero_copy_only=False))
-    return nh64(b"".join(np.ascontiguousarray(p).tobytes() for p in parts))
+        parts.append(_values(arr))
+    return nh64(_joined(parts))
+
+
+def _codes_used(codes: np.ndarray, labels: int) -> np.ndarray:
+    """The distinct codes, ascending (``np.unique``; a count per label when they are all
+    labels, which is faster)."""
+    if codes.min() >= 0 and codes.max() < labels:
+        return np.flatnonzero(np.bincount(codes, minlength=labels))
+    return np.unique(codes)
+
+
+def _values(arr: pa.Array) -> np.ndarray:
+    """An array's values with nulls as 0 (a view of its buffer when it has no nulls)."""
+    if arr.null_count:
+        arr = pc.fill_null(arr, 0)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The bytes of ``parts`` one after another, copied once (what
+    ``b"".join(p.tobytes() for p in parts)`` gives, without its two copies)."""
+    views = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in parts]
+    return views[0] if len(views) == 1 else np.concatenate(views)
 
 
 def _digests(table: pa.Table) -> bytes:
