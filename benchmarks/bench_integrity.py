@@ -10,7 +10,19 @@ from the submitted columns and appended to its segments. Variants, interleaved:
 - ``pyarrow-file``: the batches built and written by pyarrow's stream writer to a Python
   file (what the writer thread did before this change, without its queue), for reference.
 
-Reader: ``load_run`` of a run of ``--run-steps`` steps with every batch validated
+Compaction (on the writer's own compaction thread, off the training thread): a closed
+stream segment of ``--compact-cycles`` cycles converted into its Parquet file, checked
+(each stream batch validated and its nh64 checked, per-column nh64 digests of every row
+group, Parquet page CRCs written) against the same conversion with those three skipped.
+``writer+compaction`` adds a cycle's share of the compaction to the cycle, per round.
+
+Reader, compacted run (what a run looks like once its segments are closed): ``load_run``
+with every Parquet page's CRC, ``validate(full=True)``, the row counts and the column
+digests of the columns read checked, against ``load_run`` with each Parquet file read by
+pyarrow alone (no page CRC, no validation, no digests); and the segments alone.
+
+Reader, stream run (compaction off: a live run's open segments): ``load_run`` of a run of
+``--run-steps`` steps with every batch validated
 (``validate(full=True)``) and its checksum checked, against ``load_run`` with each segment
 read by pyarrow's stream reader alone (the reader before this change); and the same
 for the segments alone (no merge, no sort). The cost is the median of the per-round
@@ -29,18 +41,22 @@ import sys
 import tempfile
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing
 
-from torchvitals.store import integrity, reader
+from torchvitals.store import compaction, integrity, reader, segments
+from torchvitals.store.compaction import parquet_row_groups
 from torchvitals.store.integrity import StreamContents, read_stream
+from torchvitals.store.layout import parse_segment_file
 from torchvitals.store.reader import load_run
-from torchvitals.store.schema import SCHEMAS
+from torchvitals.store.schema import SCHEMAS, conform
 from torchvitals.store.table_builder import TableBuilder
 from torchvitals.store.writer import RunWriter
 
@@ -140,6 +156,108 @@ def write_run(path: str, layers: int, steps: int, per_flush: int) -> None:
             w.flush()
 
 
+@contextmanager
+def compaction_off():
+    """Closed segments stay streams (the writer's cycle timed alone; a stream run)."""
+    saved = segments.COMPACT
+    segments.COMPACT = False
+    try:
+        yield
+    finally:
+        segments.COMPACT = saved
+
+
+def plain_parquet(source, table: str, path: str, columns=None):
+    """A Parquet segment read by pyarrow alone: no page CRCs, no validation, no row
+    counts, no column digests (conformed to the schema, as the checked reader does)."""
+    pf = pq.ParquetFile(source)
+    for i in range(pf.metadata.num_row_groups):
+        yield conform(table, pf.read_row_group(i, columns=columns)), None
+
+
+def plain_batches(data):
+    """A stream segment's batches as pyarrow reads them: no validation, no checksum."""
+    with pa.ipc.open_stream(pa.py_buffer(data)) as stream:
+        for batch in stream:
+            yield batch, 0
+
+
+def compaction_variants(directory: str, layers: int, steps: int, cycles: int):
+    """Compaction of one closed stream segment of each table (``cycles`` writer cycles),
+    checked and with the integrity parts skipped. Each call compacts a fresh copy; the
+    copy is made before the clock starts (``prepare``)."""
+    src = os.path.join(directory, "compact-src")
+    with compaction_off():
+        write_run(src, layers, cycles * steps, steps)
+    names = sorted(n for n in os.listdir(src) if n.endswith(".arrows"))
+    work = os.path.join(directory, "compact-work")
+    os.makedirs(work)
+    fd = os.open(work, os.O_RDONLY)
+
+    def prepare():
+        for n in os.listdir(work):
+            os.unlink(os.path.join(work, n))
+        for n in names:
+            shutil.copyfile(os.path.join(src, n), os.path.join(work, n))
+
+    def run():
+        for n in names:
+            st = os.stat(n, dir_fd=fd)
+            compaction.compact(fd, n, (st.st_dev, st.st_ino))
+
+    def unchecked():
+        saved = (compaction.verified_batches, compaction._digests, compaction.PARQUET_OPTIONS)
+        compaction.verified_batches = plain_batches
+        compaction._digests = lambda table: b""
+        compaction.PARQUET_OPTIONS = {**saved[2], "write_page_checksum": False}
+        try:
+            run()
+        finally:
+            compaction.verified_batches, compaction._digests, compaction.PARQUET_OPTIONS = saved
+
+    return {"compaction checked": run, "compaction unchecked": unchecked}, prepare
+
+
+def timed_with_setup(variants, prepare, *, repeats: int, warmup: int):
+    """Wall and CPU seconds per call, round-robin, ``prepare()`` untimed before each."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            prepare()
+            fn()
+    wall = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            prepare()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def parquet_reader_variants(path: str):
+    files = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".parquet")]
+    blobs = [(Path(p).read_bytes(), parse_segment_file(os.path.basename(p))[0], p) for p in files]
+
+    def load_unchecked():
+        reader.parquet_row_groups = plain_parquet
+        try:
+            load_run(path)
+        finally:
+            reader.parquet_row_groups = parquet_row_groups
+
+    def segments_with(read):
+        return [list(read(pa.BufferReader(b), table, p)) for b, table, p in blobs]
+
+    return {
+        "load_run parquet checked": lambda: load_run(path),
+        "load_run parquet unchecked": load_unchecked,
+        "parquet segments checked": lambda: segments_with(parquet_row_groups),
+        "parquet segments unchecked": lambda: segments_with(plain_parquet),
+    }, sum(len(b) for b, _, _ in blobs)
+
+
 def reader_variants(path: str):
     segments = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".arrows")]
     blobs = [Path(p).read_bytes() for p in segments]
@@ -179,29 +297,69 @@ def cpu_interleaved(variants, *, repeats: int, warmup: int, inner: int):
     return samples
 
 
+def commit() -> str:
+    """The checkout's commit (with "+dirty" when files differ from it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=200)
     parser.add_argument("--steps", type=int, default=10, help="steps per writer cycle")
     parser.add_argument("--run-steps", type=int, default=1000)
+    parser.add_argument("--compact-cycles", type=int, default=50, help="cycles per segment")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="tv-integrity-")
     try:
         items = cycle_items(args.layers, args.steps)
-        variants, close = writer_variants(tmp, items)
-        w = timing.interleaved(variants, repeats=args.repeats, warmup=2, inner=3)
-        w_cpu = cpu_interleaved(variants, repeats=args.repeats, warmup=0, inner=3)
-        close()
+        with compaction_off():  # the cycle alone; compaction is timed on its own below
+            variants, close = writer_variants(tmp, items)
+            w = timing.interleaved(variants, repeats=args.repeats, warmup=2, inner=3)
+            w_cpu = cpu_interleaved(variants, repeats=args.repeats, warmup=0, inner=3)
+            close()
         batches = build(items)
         nbytes = sum(b.nbytes for b in batches.values())
         rows = sum(b.num_rows for b in batches.values())
 
+        cvariants, prepare = compaction_variants(tmp, args.layers, args.steps, args.compact_cycles)
+        cw, cw_cpu = timed_with_setup(cvariants, prepare, repeats=args.repeats, warmup=1)
+        # A cycle's share of its segment's compaction, added to the cycle, per round.
+        share = 1.0 / args.compact_cycles
+        for out, cyc, comp in ((w, w, cw), (w_cpu, w_cpu, cw_cpu)):
+            for v, cv in (("checked", "compaction checked"), ("unchecked", "compaction unchecked")):
+                out[f"{v}+compaction"] = [
+                    a + b * share for a, b in zip(cyc[v], comp[cv], strict=True)
+                ]
+
         run = os.path.join(tmp, "run")
-        write_run(run, args.layers, args.run_steps, args.steps)
+        with compaction_off():
+            write_run(run, args.layers, args.run_steps, args.steps)
         rvariants, run_bytes = reader_variants(run)
         r = timing.interleaved(rvariants, repeats=args.repeats, warmup=1, inner=1)
         r_cpu = cpu_interleaved(rvariants, repeats=args.repeats, warmup=0, inner=1)
+
+        prun = os.path.join(tmp, "compacted-run")
+        write_run(prun, args.layers, args.run_steps, args.steps)  # compacted at close()
+        assert not [n for n in os.listdir(prun) if n.endswith(".arrows")], os.listdir(prun)
+        pvariants, prun_bytes = parquet_reader_variants(prun)
+        pr = timing.interleaved(pvariants, repeats=args.repeats, warmup=1, inner=1)
+        pr_cpu = cpu_interleaved(pvariants, repeats=args.repeats, warmup=0, inner=1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -235,7 +393,22 @@ def main() -> None:
         row("checked", w, w_cpu, "unchecked", rows, "rows"),
         row("unchecked", w, w_cpu, None, rows, "rows"),
         row("pyarrow-file", w, w_cpu, None, rows, "rows"),
+        row("checked+compaction", w, w_cpu, "unchecked+compaction", rows, "rows"),
+        row("unchecked+compaction", w, w_cpu, None, rows, "rows"),
     ]
+    compact_rows = args.compact_cycles * rows
+    compaction_rows = [
+        row("compaction checked", cw, cw_cpu, "compaction unchecked", compact_rows, "rows"),
+        row("compaction unchecked", cw, cw_cpu, None, compact_rows, "rows"),
+    ]
+    parquet_rows = [
+        row("load_run parquet checked", pr, pr_cpu, "load_run parquet unchecked", prun_bytes,
+            "bytes"),
+        row("load_run parquet unchecked", pr, pr_cpu, None, prun_bytes, "bytes"),
+        row("parquet segments checked", pr, pr_cpu, "parquet segments unchecked", prun_bytes,
+            "bytes"),
+        row("parquet segments unchecked", pr, pr_cpu, None, prun_bytes, "bytes"),
+    ]  # fmt: skip
     reader_rows = [
         row("load_run checked", r, r_cpu, "load_run unchecked", run_bytes, "bytes"),
         row("load_run unchecked", r, r_cpu, None, run_bytes, "bytes"),
@@ -246,19 +419,27 @@ def main() -> None:
     print(timing.table(hash_rows, ["function", "GB/s"]))
     print(f"\nwriter: one cycle = {rows} rows, {nbytes / 1e6:.2f} MB (layers + hist)")
     print(timing.table(writer_rows, ["variant", "ms", "cpu ms", "rows/s", "cost", "cpu cost"]))
+    print(f"\ncompaction: one segment per table of {args.compact_cycles} cycles")
+    print(timing.table(compaction_rows, ["variant", "ms", "cpu ms", "rows/s", "cost", "cpu cost"]))
+    size = f"{prun_bytes / 1e6:.1f} MB"
+    print(f"\nreader, compacted: a run of {args.run_steps} steps x {args.layers} layers, {size}")
+    print(timing.table(parquet_rows, ["variant", "ms", "cpu ms", "bytes/s", "cost", "cpu cost"]))
     size = f"{run_bytes / 1e6:.1f} MB"
-    print(f"\nreader: a run of {args.run_steps} steps x {args.layers} layers, {size}")
+    print(f"\nreader, streams: a run of {args.run_steps} steps x {args.layers} layers, {size}")
     print(timing.table(reader_rows, ["variant", "ms", "cpu ms", "bytes/s", "cost", "cpu cost"]))
     path = timing.save(
         "integrity-cpu",
         {
             "environment": timing.environment("cpu"),
+            "commit": commit(),
             "args": vars(args),
             "checksum": hash_rows,
             "writer": writer_rows,
+            "compaction": compaction_rows,
+            "reader_compacted": parquet_rows,
             "reader": reader_rows,
-            "samples_s": {**w, **r, **c},
-            "cpu_samples_s": {**w_cpu, **r_cpu},
+            "samples_s": {**w, **cw, **pr, **r, **c},
+            "cpu_samples_s": {**w_cpu, **cw_cpu, **pr_cpu, **r_cpu},
         },
     )
     print(f"\nsaved {path}")
