@@ -154,3 +154,13 @@ def test_several_histograms_in_one_pass(run_dir):
         want = histogram_matrix(run, *pair)
         np.testing.assert_array_equal(steps, want[0])
         np.testing.assert_array_equal(counts, want[1])
+
+
+def test_detect_events_on_a_path_reads_lazily_and_agrees(run_dir):
+    from torchvitals.analysis import detect_events
+
+    with pytest.warns(RuntimeWarning):
+        want = detect_events(run=load_run(run_dir))
+    with pytest.warns(RuntimeWarning):
+        got = detect_events(run=str(run_dir))
+    assert [e.to_dict() for e in got] == [e.to_dict() for e in want]
