@@ -1,4 +1,4 @@
-"""``tensor_stats``: input checks and the ``torchvitals::tensor_stats`` torch.library op.
+"""``tensor_stats``: input checks and the ``torchvitals::tensor_stats_v2`` torch.library op.
 
 The op runs on PyTorch's current stream with no host sync and works under
 ``torch.compile`` (it is opaque to Dynamo); :mod:`torchvitals.engine.dispatch` picks the
@@ -16,6 +16,12 @@ from torchvitals.engine import histogram
 from torchvitals.engine.arguments import per_tensor
 from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
 from torchvitals.engine.dispatch import DTYPE_CODES, NO_FEATURE, output_buffers, run_engine
+
+#: The op's name carries the version of its output layout (2: two histogram rows per tensor).
+#: Inductor's FX graph cache keys compiled code on the graph, which names the op but not the
+#: shapes of its outputs: under a new name, code compiled for an older layout (before a
+#: torchvitals upgrade) is never replayed.
+OP_NAME = "tensor_stats_v2"
 
 
 def _check_tensor(index: int, t: object) -> int:
@@ -92,7 +98,9 @@ def fused_stats(
     if not tensors:
         return output_buffers(0, torch.device("cpu"), torch.zeros)
     if torch.compiler.is_compiling():  # the traced op has no autograd formula
-        return torch.ops.torchvitals.tensor_stats([t.detach() for t in tensors], dims, thresholds)
+        return getattr(torch.ops.torchvitals, OP_NAME)(
+            [t.detach() for t in tensors], dims, thresholds
+        )
     # Eager calls skip the dispatcher (about 0.1 ms a call) and need no detach: the engine
     # reads raw memory and its outputs are new tensors outside any graph.
     return run_engine(tensors, dims, thresholds)
@@ -120,7 +128,7 @@ def tensor_stats(
     return out
 
 
-_tensor_stats_op = torch.library.custom_op("torchvitals::tensor_stats", mutates_args=())(run_engine)
+_tensor_stats_op = torch.library.custom_op(f"torchvitals::{OP_NAME}", mutates_args=())(run_engine)
 
 
 @_tensor_stats_op.register_fake
