@@ -9,11 +9,13 @@ as it is, with one ``note:`` line per problem on stderr."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -29,15 +31,27 @@ def note(command: str, message: str) -> None:
     print(f"torchvitals {command}: note: {message}", file=sys.stderr)
 
 
-def _load(path: str, command: str = "report"):
-    """``load_run(path)`` with each warning it gives as one ``note:`` line on stderr."""
-    from torchvitals.store.reader import load_run
-
+@contextlib.contextmanager
+def _notes(command: str) -> Iterator[None]:
+    """Each warning given inside as one ``note:`` line on stderr (after the block)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run = load_run(path)
-    for w in caught:
-        note(command, str(w.message).removeprefix("torchvitals: "))
+        try:
+            yield
+        finally:
+            for w in caught:
+                note(command, str(w.message).removeprefix("torchvitals: "))
+
+
+def _load(path: str, command: str = "report", lazy: bool = False):
+    """``load_run(path)``, or with ``lazy`` ``scan_run(path)`` (read as it is analysed, in
+    bounded memory: what report, events and compare need), with each warning it gives as
+    one ``note:`` line on stderr."""
+    from torchvitals.store.reader import load_run
+    from torchvitals.store.scan import scan_run
+
+    with _notes(command):
+        run = (scan_run if lazy else load_run)(path)
     if not run.closed:
         note(
             command,
@@ -115,10 +129,10 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _load_with_progress(path: str, console: Console, command: str = "report"):
+def _load_with_progress(path: str, console: Console, command: str = "report", lazy=False):
     with _progress(console) as bar:
         bar.add_task(f"reading {path}", total=None)
-        return _load(path, command)
+        return _load(path, command, lazy)
 
 
 def cmd_report(args) -> int:
@@ -127,17 +141,18 @@ def cmd_report(args) -> int:
 
         return watch(args)
     console = Console()
-    run = _load_with_progress(args.run, console)
+    run = _load_with_progress(args.run, console, lazy=True)
     out = Path(args.out) if args.out else Path(args.run) / "report.html"
-    _analyse_and_report(run, args, console, out)
+    with _notes("report"):  # damage found while the run is scanned
+        _analyse_and_report(run, args, console, out)
     return 0
 
 
 def cmd_events(args) -> int:
     # Progress on stderr: stdout carries the events (or their JSON) only.
     status = Console(stderr=True)
-    run = _load_with_progress(args.run, status, "events")
-    with _progress(status) as bar:
+    run = _load_with_progress(args.run, status, "events", lazy=True)
+    with _notes("events"), _progress(status) as bar:
         bar.add_task("detecting events", total=None)
         events = _detect(_arrays(run, getattr(args, "metric", "loss")), args)
     if args.json:
@@ -158,8 +173,8 @@ def cmd_compare(args) -> int:
     console = Console()
     runs = []
     for path in args.runs:
-        run = _load_with_progress(path, console, "compare")
-        with _progress(console) as bar:
+        run = _load_with_progress(path, console, "compare", lazy=True)
+        with _notes("compare"), _progress(console) as bar:
             bar.add_task(f"detecting events in {path}", total=None)
             arrays = _arrays(run, args.metric)
             runs.append(RunData.from_arrays(path, arrays, _detect(arrays, args)))

@@ -38,6 +38,7 @@ import os
 import numpy as np
 
 from torchvitals.engine.derived import norm
+from torchvitals.store.merge import whole_layer_rows
 from torchvitals.store.schema import dictionary_codes
 
 
@@ -139,7 +140,8 @@ def series_from_run(run, metric: str = "loss", progress=None):
     else:
         layers = getattr(run, "layers", None)
     if layers is not None and layers.num_rows:
-        layer_part = _layer_series(layers, steps_all)
+        # a shard's part of a parameter is no layer's statistic
+        layer_part = _layer_series(whole_layer_rows(layers), steps_all)
         names = list(dict.fromkeys(k.partition("/")[2] for k in layer_part))
         rank = {n: i for i, n in enumerate(layer_order(run, names))}
         for k in sorted(layer_part, key=lambda k: rank[k.partition("/")[2]]):

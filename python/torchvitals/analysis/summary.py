@@ -242,7 +242,9 @@ def histogram_series(run: Run) -> Iterator[tuple[tuple[str, str], HistogramSerie
     pairs first appear, as :func:`histogram_matrix` reads one. The table is read once;
     each series is made (float64) as it is asked for, so a caller that renders and drops
     them holds one at a time besides the table."""
-    table = getattr(run, "hist", None)
+    # A RunScan gives a few hundred steps of each series; a loaded Run has them all.
+    scanned = hasattr(run, "histogram_rows")
+    table = run.histogram_rows() if scanned else getattr(run, "hist", None)
     if table is None or table.num_rows == 0:
         return
     table = whole_layer_rows(table)  # a shard's part of a parameter is no layer's histogram

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from .compaction import open_parquet, read_row_group
 from .integrity import Damage
 from .layout import PARQUET, open_regular_file
-from .merge import merge_ranks
+from .merge import merge_ranks, whole_layer_rows
 from .reader import (
     MAX_SEGMENT_BYTES,
     MergeFn,
@@ -230,7 +230,8 @@ def lowest_rank_rows(chunks: Iterable[pa.Table]) -> pa.Table:
     ids: dict[tuple[str, str], int] = {}  # (layer, kind) -> series number
     best = np.zeros(0, dtype=np.int64)  # per series, the lowest rank seen
     for chunk in chunks:
-        chunk = chunk.select(list(SERIES_COLUMNS))
+        # a shard's part of a parameter is no layer's statistic
+        chunk = whole_layer_rows(chunk).select(list(SERIES_COLUMNS))
         if not chunk.num_rows:
             continue
         lcodes, lnames = dictionary_codes(chunk.column("layer"))
@@ -365,8 +366,10 @@ class RunScan:
         return self._scalars
 
     def series_rows(self, progress: Progress | None = None) -> pa.Table:
-        """The merged ``layers`` rows the per-layer series use (:func:`lowest_rank_rows`)."""
-        return lowest_rank_rows(self.chunks("layers", list(SERIES_COLUMNS), progress=progress))
+        """The merged ``layers`` rows the per-layer series use (:func:`lowest_rank_rows`).
+        Every column is read, so that damage anywhere in the table is found and reported
+        (``layers`` is small next to ``hist``)."""
+        return lowest_rank_rows(self.chunks("layers", progress=progress))
 
     def histogram(
         self, layer: str, kind: str, progress: Progress | None = None
@@ -406,6 +409,33 @@ class RunScan:
             layer, _, kind = k.partition("\x00")
             out[(layer, kind)] = (steps[mine], counts[mine].T)
         return out
+
+    def histogram_rows(self, max_steps: int = 256, progress: Progress | None = None) -> pa.Table:
+        """The merged ``hist`` rows of every ``(layer, kind)`` at no more than about
+        ``max_steps`` of its steps: the run's step range is cut into ``max_steps`` equal
+        bins and each series keeps every row of the first step it has in each bin. What a
+        report draws (a few hundred columns per histogram) in memory bounded by the number
+        of series, not by the run's length."""
+        steps = self.scalars.column("step").to_numpy()
+        lo, span = (int(steps.min()), int(steps.max() - steps.min()) + 1) if steps.size else (0, 1)
+        chosen: dict[str, int] = {}  # series and step bin -> the step kept
+        parts = []
+        for chunk in self.chunks("hist", progress=progress):
+            step = chunk.column("step").to_numpy()
+            cell = np.clip((step - lo) * max_steps // span, 0, max_steps - 1)
+            keys = pc.binary_join_element_wise(
+                pc.cast(chunk["layer"], pa.string()),
+                pc.cast(chunk["kind"], pa.string()),
+                pa.array(cell.astype(str)),
+                "\x00",
+            ).to_numpy(zero_copy_only=False)
+            unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            for key, i in zip(unique.tolist(), first.tolist(), strict=True):
+                chosen.setdefault(key, int(step[i]))
+            keep = step == np.array([chosen[k] for k in unique.tolist()], np.int64)[inverse]
+            if keep.any():
+                parts.append(chunk.filter(pa.array(keep)))
+        return pa.concat_tables(parts) if parts else empty_table("hist")
 
     def __repr__(self) -> str:
         return f"RunScan({str(self.path)!r}, ranks={self.ranks}, closed={self.closed})"
