@@ -10,7 +10,10 @@ process (its peak RSS from ``getrusage``):
   chunks, merged with ``merge_ranks`` chunk by chunk), ``detect_events``, and the
   histograms the report draws (``histogram_layers``: the three layers whose gradient norm
   spans the most) through ``RunScan.histogram``;
-- ``eager``: the same through ``load_run`` (every table of every rank in memory), run
+- ``report``: ``torchvitals report RUN``, the whole HTML report (the series, the events,
+  every heatmap and the histograms of every (layer, kind) at up to ~256 steps), as a user
+  runs it, through ``scan_run``;
+- ``eager``: the same as ``lazy`` through ``load_run`` (every table of every rank in memory), run
   only when ``--eager`` is given, with its address space capped at ``--eager-cap-gb`` so
   it cannot take the machine down: a ``MemoryError`` is reported as "did not fit".
 
@@ -90,7 +93,7 @@ def write_rank(path: Path, rank: int, ranks: int, tensors: int, steps: int, ever
 
 
 CHILD = r"""
-import json, resource, sys, time, warnings
+import json, os, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 mode, path = sys.argv[1], sys.argv[2]
 if mode == "eager":
@@ -105,6 +108,14 @@ imported_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 t0 = time.perf_counter()
 try:
+    if mode == "report":  # what a user runs: `torchvitals report RUN`, the whole page
+        from torchvitals.cli import main
+        import contextlib, io
+        with contextlib.redirect_stdout(io.StringIO()):
+            status = main(["report", path, "--out", path + ".report.html"])
+        out = {"ok": status == 0, "exit": status, "total_s": time.perf_counter() - t0,
+               "report_bytes": os.path.getsize(path + ".report.html")}
+        raise SystemExit
     if mode == "lazy":
         run = scan_run(path)
         hists = lambda pairs: list(run.histograms(pairs).values())  # one pass for all
@@ -122,6 +133,8 @@ try:
            "series_cpu_s": cpu_series,
            "total_s": time.perf_counter() - t0, "events": len(events), "steps": len(step),
            "series": len(series), "histograms": sum(h is not None for h in shown)}
+except SystemExit:
+    pass
 except MemoryError:
     out = {"ok": False, "why": "MemoryError (did not fit under the cap)",
            "total_s": time.perf_counter() - t0}
@@ -202,7 +215,8 @@ def main() -> None:
             },
             "lazy": child("lazy", path, args.eager_cap_gb),
         }
-        print(json.dumps(results["run"]), json.dumps(results["lazy"]), sep="\n")
+        results["report"] = child("report", path, args.eager_cap_gb)
+        print(*(json.dumps(results[k]) for k in ("run", "lazy", "report")), sep="\n")
         if args.eager:
             results["eager"] = child("eager", path, args.eager_cap_gb)
             print(json.dumps(results["eager"]))

@@ -76,6 +76,9 @@ SERIES_COLUMNS = (
 )
 #: A chunk is merged once it holds this many rows (or at the end).
 CHUNK_ROWS = 1 << 20
+#: ... or this many bytes, whichever comes first (a ``hist`` row holds ~1.3 KB of bins: a
+#: chunk of 1M of them, with the merge's copies, took 4.4 GB).
+CHUNK_BYTES = 64 << 20
 #: Parquet files a scan keeps open.
 _OPEN_FILES = 64
 _UNKNOWN = -(1 << 62)
@@ -323,14 +326,15 @@ class RunScan:
         progress: Progress | None = None,
     ) -> Iterator[pa.Table]:
         """The merged rows of ``table`` (as ``load_run`` gives them), in step chunks of
-        about :data:`CHUNK_ROWS` rows, in ``load_run``'s order. ``columns``: read only
-        these (and the required ones) from Parquet files, the others are null;
+        about :data:`CHUNK_ROWS` rows or :data:`CHUNK_BYTES` bytes, in ``load_run``'s
+        order. ``columns``: read only these (and the required ones) from Parquet files,
+        the others are null;
         ``where``: a filter applied to each unit's rows before merging (it must keep or
         drop whole ``(layer, kind)`` series, e.g. one layer)."""
         units = self.units(table)
         files = _Files()
         pending: list[Piece] = []
-        size = 0
+        size = nbytes = 0
         try:
             for i, unit in enumerate(units):
                 rows, damage = read_unit(unit, columns, files)
@@ -341,13 +345,16 @@ class RunScan:
                 if rows.num_rows:
                     pending.append((unit.rank, unit.order, rows))
                     size += rows.num_rows
+                    nbytes += rows.nbytes
                 if progress is not None:
                     progress(i + 1, len(units))
                 nxt = units[i + 1].min_step if i + 1 < len(units) else None
-                if i + 1 < len(units) and (nxt is None or size < CHUNK_ROWS):
+                small = size < CHUNK_ROWS and nbytes < CHUNK_BYTES
+                if i + 1 < len(units) and (nxt is None or small):
                     continue  # the next unit's steps are unknown, or the chunk is small
                 done, pending = _split(pending, nxt)
                 size = sum(p[2].num_rows for p in pending)
+                nbytes = sum(p[2].nbytes for p in pending)
                 if done:
                     merged, messages = merge_pieces(table, done, self.manifests, self.merge)
                     self.warn(messages)
