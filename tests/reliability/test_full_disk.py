@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from writer_loops import torchvitals_warnings, train
 
 import torchvitals
 from torchvitals.store import segments as segments_module
@@ -19,19 +20,6 @@ from torchvitals.store.segments import SegmentFiles
 from torchvitals.store.writer import RunWriter
 
 MANIFEST = {"world_size": 1, "config": {"every": 1}}
-
-
-def _train(w, steps=200):
-    """A training loop: submits must keep returning, whatever the disk does."""
-    for i in range(steps):
-        w.submit("scalars", {"step": i, "name": "loss", "value": float(i)})
-        if i % 50 == 49:
-            w.flush()
-    return steps
-
-
-def _torchvitals_warnings(rec):
-    return [str(r.message) for r in rec if "torchvitals" in str(r.message)]
 
 
 class FullDisk:
@@ -58,7 +46,7 @@ def test_full_disk_then_space_returns(tmp_path, monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         w = RunWriter(path, manifest=MANIFEST, flush_interval=0.01)
-        submitted += _train(w, 100)
+        submitted += train(w, 100)
         assert w.write_errors == 1 and w.dropped > 0
         disk.full = False
         deadline = time.monotonic() + 60  # guards against a hang only: back-off is 0.5 s
@@ -67,7 +55,7 @@ def test_full_disk_then_space_returns(tmp_path, monkeypatch):
             submitted += 1
             w.flush()
         w.close()
-    msgs = _torchvitals_warnings(rec)
+    msgs = torchvitals_warnings(rec)
     assert len(msgs) == 2, msgs
     assert "scalars.rank0.000000.arrows" in msgs[0] and "No space left on device" in msgs[0]
     assert "resumed" in msgs[1] and path in msgs[1]
@@ -100,8 +88,8 @@ def test_enospc_from_sink_monkeypatched(tmp_path, monkeypatch):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         with RunWriter(str(tmp_path / "run"), manifest=MANIFEST) as w:
-            _train(w)
-    assert len(_torchvitals_warnings(rec)) == 1
+            train(w)
+    assert len(torchvitals_warnings(rec)) == 1
     assert w.write_errors == 1 and w.dropped == 200
 
     w = RunWriter(str(tmp_path / "run2"), manifest=MANIFEST, strict=True)

@@ -11,6 +11,7 @@ import warnings
 
 import pyarrow as pa
 import pytest
+from writer_loops import torchvitals_warnings, train
 
 from torchvitals.store.manifest import ManifestFile
 from torchvitals.store.reader import load_run
@@ -25,18 +26,6 @@ def submit_steps(w, steps):
     for step in steps:
         w.submit("scalars", {"step": step, "name": "loss", "value": float(step)})
     w.flush()
-
-
-def _train(w, steps=200):
-    for i in range(steps):
-        w.submit("scalars", {"step": i, "name": "loss", "value": float(i)})
-        if i % 50 == 49:
-            w.flush()
-    return steps
-
-
-def torchvitals_warnings(rec):
-    return [str(r.message) for r in rec if "torchvitals" in str(r.message)]
 
 
 def batch(n=1):
@@ -92,7 +81,7 @@ def test_planted_link_is_not_written_through(tmp_path):
         warnings.simplefilter("always")
         w = RunWriter(path, manifest=MANIFEST, flush_interval=0.01)
         os.symlink(target, os.path.join(path, "scalars.rank0.000000.arrows"))
-        _train(w, 10)
+        train(w, 10)
         w.close()
     assert target.read_bytes() == b"precious"
     msgs = torchvitals_warnings(rec)

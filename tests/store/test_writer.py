@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import torch
+from writer_loops import torchvitals_warnings, train
 
 from torchvitals.store import segments as segments_module
 from torchvitals.store.reader import load_run
@@ -285,19 +286,6 @@ def test_bad_item_strict_raises_on_training_thread(tmp_path):
 # ----------------------------------------------------------------------------- faults
 
 
-def _train(w, steps=200):
-    """A training loop: submits must keep returning, whatever the disk does."""
-    for i in range(steps):
-        w.submit("scalars", {"step": i, "name": "loss", "value": float(i)})
-        if i % 50 == 49:
-            w.flush()
-    return steps
-
-
-def _torchvitals_warnings(rec):
-    return [str(r.message) for r in rec if "torchvitals" in str(r.message)]
-
-
 def test_unwritable_directory(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a directory")
@@ -305,9 +293,9 @@ def test_unwritable_directory(tmp_path):
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         w = RunWriter(path, manifest=MANIFEST)
-        assert _train(w) == 200
+        assert train(w) == 200
         w.close()
-    msgs = _torchvitals_warnings(rec)
+    msgs = torchvitals_warnings(rec)
     assert len(msgs) == 1 and path in msgs[0] and "NotADirectoryError" in msgs[0]
     assert w.write_errors == 1 and w.dropped == 200
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from torchvitals.engine.derived import norm
 from torchvitals.store.merge import whole_layer_rows
+from torchvitals.store.scan import SERIES_COLUMNS
 from torchvitals.store.schema import dictionary_codes
 
 
@@ -150,18 +151,7 @@ def series_from_run(run, metric: str = "loss", progress=None):
 
 
 def _layer_series(layers, steps_all):
-    need = (
-        "step",
-        "layer",
-        "kind",
-        "numel",
-        "nan",
-        "inf",
-        "saturated",
-        "units",
-        "dead_units",
-        "sumsq",
-    )
+    need = tuple(c for c in SERIES_COLUMNS if c not in ("rank", "large"))
     optional = tuple(c for c in ("large",) if c in layers.column_names)
     for c in need:
         if c not in layers.column_names:

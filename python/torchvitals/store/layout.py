@@ -338,21 +338,13 @@ def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
     file a ``ValueError``; both name the path. A file that grows meanwhile is read up to
     the size it had when opened.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegularFileError(
-                errno.EINVAL, f"not a regular file ({_kind(st.st_mode)}); not read", os.fspath(path)
-            )
-        if st.st_size > limit:
-            raise ValueError(
-                f"{os.fspath(path)}: {st.st_size} bytes, more than the {limit} allowed"
-            )
-        data = os.read(fd, st.st_size)  # one read, straight into the result, as a rule
-        if len(data) < st.st_size:  # over 2 GiB (one read's limit), or truncated meanwhile
+    with open_regular_file(path, limit) as f:
+        fd = f.fileno()
+        size = min(os.fstat(fd).st_size, limit)  # checked at open; never more
+        data = os.read(fd, size)  # one read, straight into the result, as a rule
+        if len(data) < size:  # over 2 GiB (one read's limit), or truncated meanwhile
             parts = [data]
-            left = st.st_size - len(data)
+            left = size - len(data)
             while left > 0:
                 chunk = os.read(fd, min(left, 1 << 30))
                 if not chunk:
@@ -361,5 +353,3 @@ def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
                 left -= len(chunk)
             data = b"".join(parts)
         return data
-    finally:
-        os.close(fd)
