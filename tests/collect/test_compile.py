@@ -5,8 +5,6 @@ records."""
 
 from __future__ import annotations
 
-import gc
-
 import numpy as np
 import pytest
 import torch
@@ -14,6 +12,7 @@ from torch import nn
 from torch._dynamo.utils import counters, guard_failures
 
 import torchvitals
+from torchvitals.collect import distributed
 
 F = nn.functional
 STEPS = 10  # more than Dynamo's recompile limit (8): a per-step guard would show
@@ -35,9 +34,6 @@ def minibatches(count: int):
 
 def train(variant: str, path=None, mode=None, accumulate: int = 1, **monitor_args):
     """Trains STEPS steps in ``variant``; returns Dynamo's counts and the Monitor."""
-    # Earlier tests' garbage, collected in the middle of a compiled step, runs finalizers
-    # that Dynamo counts as frames (seen once in CI: 154 frames against 15): start clean.
-    gc.collect()
     torch._dynamo.reset()
     counters.clear()
     guard_failures.clear()
@@ -134,3 +130,12 @@ def test_compiled_statistics_equal_eager(tmp_path, variant):
         np.testing.assert_array_equal(compiled[column], eager[column], err_msg=column)
     for column in ("sumsq", "max_abs"):
         np.testing.assert_allclose(compiled[column], eager[column], rtol=1e-6, err_msg=column)
+
+
+def test_plain_tensors_are_no_dtensors_without_reading_sys_modules(monkeypatch):
+    # A compiled optimizer step traces this check for every gradient. Reading sys.modules
+    # there made Dynamo walk it, and an import during the walk failed the compile at every
+    # step (154 frames against 15 in CI; a hard error with frequent collections).
+    monkeypatch.setattr(distributed, "sys", None)
+    assert not distributed.is_dtensor(torch.zeros(2))
+    assert not distributed.is_dtensor(nn.Parameter(torch.zeros(2)))

@@ -29,9 +29,7 @@ def first_tensor(value: Any) -> torch.Tensor | None:
 def measurable(x: torch.Tensor) -> torch.Tensor | None:
     """``x`` as the engine can read it: a DTensor (tensor parallel) through its local
     shard; None for what has no dense floating-point data (integer, nested, sparse)."""
-    # Plain tensors skip the DTensor check: it reads sys.modules, which Dynamo would
-    # trace while other threads import.
-    if type(x) is not torch.Tensor and is_dtensor(x):
+    if is_dtensor(x):
         x = x.to_local()
     if not x.is_floating_point() or x.layout != torch.strided or x.is_nested:
         return None

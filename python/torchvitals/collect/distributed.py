@@ -41,6 +41,12 @@ def initialized() -> bool:
 
 
 def is_dtensor(t: Any) -> bool:
+    # Plain tensors and parameters are told apart by their type alone: the lookup below
+    # reads sys.modules, which Dynamo traces in a compiled optimizer step, and another
+    # thread's import changing it mid-trace fails the compile ("dictionary changed size
+    # during iteration"), again at every step.
+    if type(t) in (torch.Tensor, nn.Parameter):
+        return False
     # Importing torch.distributed.tensor costs about a second; a DTensor can only
     # exist once something else has imported it (torch >= 2.5 or the older path).
     for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
