@@ -12,14 +12,15 @@ from the submitted columns and appended to its segments. Variants, interleaved:
 
 Compaction (on the writer's own compaction thread, off the training thread): a closed
 stream segment of ``--compact-cycles`` cycles converted into its Parquet file, checked
-(each stream batch validated and its nh64 checked, per-column nh64 digests of every row
-group, Parquet page CRCs written) against the same conversion with those three skipped.
+(each stream batch validated and its nh64 checked, the file sealed with the nh64 of its
+footer and of each row group's bytes, Parquet page CRCs written) against the same
+conversion with those three skipped.
 ``writer+compaction`` adds a cycle's share of the compaction to the cycle, per round.
 
 Reader, compacted run (what a run looks like once its segments are closed): ``load_run``
-with every Parquet page's CRC, ``validate(full=True)``, the row counts and the column
-digests of the columns read checked, against ``load_run`` with each Parquet file read by
-pyarrow alone (no page CRC, no validation, no digests); and the segments alone.
+with the footer's and every row group's checksum, ``validate(full=True)`` and the row
+counts checked, against ``load_run`` with each Parquet file read by pyarrow alone (no
+checksum, no validation); and the segments alone.
 
 Reader, stream run (compaction off: a live run's open segments): ``load_run`` of a run of
 ``--run-steps`` steps with every batch validated
@@ -81,6 +82,7 @@ def cycle_items(layers: int, steps: int, first_step: int = 0) -> dict[str, list[
                 "layer": names,
                 "kind": "grad",
                 "counts": rng.integers(0, 99, (layers, 84)),
+                "neg_counts": rng.integers(0, 50, (layers, 84)),
             }
         )
     return items
@@ -168,8 +170,8 @@ def compaction_off():
 
 
 def plain_parquet(source, table: str, path: str, columns=None):
-    """A Parquet segment read by pyarrow alone: no page CRCs, no validation, no row
-    counts, no column digests (conformed to the schema, as the checked reader does)."""
+    """A Parquet segment read by pyarrow alone: no checksums, no validation, no row
+    counts (conformed to the schema, as the checked reader does)."""
     pf = pq.ParquetFile(source)
     for i in range(pf.metadata.num_row_groups):
         yield conform(table, pf.read_row_group(i, columns=columns)), None
@@ -206,14 +208,14 @@ def compaction_variants(directory: str, layers: int, steps: int, cycles: int):
             compaction.compact(fd, n, (st.st_dev, st.st_ino))
 
     def unchecked():
-        saved = (compaction.verified_batches, compaction._digests, compaction.PARQUET_OPTIONS)
+        saved = (compaction.verified_batches, compaction.seal, compaction.PARQUET_OPTIONS)
         compaction.verified_batches = plain_batches
-        compaction._digests = lambda table: b""
+        compaction.seal = lambda data: None
         compaction.PARQUET_OPTIONS = {**saved[2], "write_page_checksum": False}
         try:
             run()
         finally:
-            compaction.verified_batches, compaction._digests, compaction.PARQUET_OPTIONS = saved
+            compaction.verified_batches, compaction.seal, compaction.PARQUET_OPTIONS = saved
 
     return {"compaction checked": run, "compaction unchecked": unchecked}, prepare
 

@@ -10,10 +10,12 @@ the writer thread, into ``{table}.rank{R}.{seg:06d}.parquet``:
   not converted and stays as it is;
 - zstd, row groups of about :data:`ROW_GROUP_BYTES` of data, each sorted by step (a stable
   sort: the rows of one step keep their order), statistics on, so ``step``/``layer``
-  filters skip row groups; every page carries a CRC-32 (``write_page_checksum``) that the
-  reader verifies (``page_checksum_verification``); the footer's key-value metadata holds
-  the table, the schema version, the row count and the stream batches' checksums
-  (:data:`ROWS_KEY`, :data:`SOURCE_KEY`), which the reader checks against the file;
+  filters skip row groups; the footer's key-value metadata holds the table, the schema
+  version, the row count and the stream batches' checksums (:data:`ROWS_KEY`,
+  :data:`SOURCE_KEY`), which the reader checks against the file, and the checksums of the
+  file's own bytes (:mod:`.parquet_seal`: the footer's and each row group's), which the
+  reader checks before it decodes anything; every page also carries the CRC-32 of the
+  Parquet format (``write_page_checksum``) for other readers;
 - written to an exclusive temporary file in the run directory, ``fsync``ed, linked to its
   name (never over an existing file or link), then the stream is removed. A failure at
   any point (a full disk, a crash) leaves the stream segment intact; a crash between the
@@ -29,14 +31,14 @@ import os
 import secrets
 from collections.abc import Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .integrity import Damage, nh64, verified_batches, with_checksum_flag
+from .integrity import Damage, verified_batches, with_checksum_flag
 from .layout import PARQUET, create_new, parse_segment_file, segment_name
 from .manifest_check import SchemaVersionError, newer_message
+from .parquet_seal import FileSeal, placeholders, seal
 from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "ROWS_KEY",
     "ROW_GROUP_BYTES",
     "SOURCE_KEY",
+    "ParquetSegment",
     "compact",
     "open_parquet",
     "parquet_row_groups",
@@ -72,73 +75,8 @@ ROWS_KEY = b"torchvitals.rows"
 #: Footer key: the checksums of the stream batches the file was made from (24 hex
 #: digits each, space-separated): what tells a copied segment from another one.
 SOURCE_KEY = b"torchvitals.source_checksums"
-#: Footer key: per row group (";"-separated), per column (","-separated), the nh64 of
-#: the column's decoded values (:func:`column_digest`): what catches a damaged footer,
-#: which Parquet's page checksums do not cover.
-COLUMNS_KEY = b"torchvitals.column_checksums"
-#: Footer key: the columns written, in order (a renamed column is damage, not a column
-#: an older schema lacked).
-NAMES_KEY = b"torchvitals.columns"
 _TABLE_KEY = b"torchvitals.table"
 _VERSION_KEY = b"torchvitals.schema_version"
-
-
-def column_digest(column: pa.ChunkedArray | pa.Array) -> int:
-    """nh64 of a column's values in a form that does not depend on how they are encoded
-    (labels as their sorted strings and ranks among them, lists as lengths and values,
-    nulls as a mask)."""
-    arr = column
-    if isinstance(column, pa.ChunkedArray):
-        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        arr = arr.dictionary_encode()
-    if arr.null_count:
-        parts = [np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.uint8)]
-    else:
-        parts = [np.ones(len(arr), dtype=np.uint8)]
-    if pa.types.is_dictionary(arr.type):
-        labels = [str(x) for x in arr.dictionary.to_pylist()]
-        codes = _values(arr.indices).astype(np.int64)
-        used = sorted({labels[c] for c in _codes_used(codes, len(labels))}) if len(codes) else []
-        where = {label: i for i, label in enumerate(used)}
-        canon = np.array([where.get(label, -1) for label in labels] or [0], dtype=np.int64)
-        parts += [np.frombuffer("\x00".join(used).encode("utf-8", "surrogatepass"), np.uint8)]
-        if len(codes) and not np.array_equal(canon, np.arange(len(canon))):
-            codes = canon[codes]  # (the identity when the labels are sorted and all used)
-        parts.append(codes)
-    elif pa.types.is_list(arr.type):
-        lengths = pc.fill_null(pc.list_value_length(arr), 0)
-        parts.append(lengths.to_numpy(zero_copy_only=False).astype(np.int64))
-        parts.append(_values(arr.flatten()))
-    else:
-        parts.append(_values(arr))
-    return nh64(_joined(parts))
-
-
-def _codes_used(codes: np.ndarray, labels: int) -> np.ndarray:
-    """The distinct codes, ascending (``np.unique``; a count per label when they are all
-    labels, which is faster)."""
-    if codes.min() >= 0 and codes.max() < labels:
-        return np.flatnonzero(np.bincount(codes, minlength=labels))
-    return np.unique(codes)
-
-
-def _values(arr: pa.Array) -> np.ndarray:
-    """An array's values with nulls as 0 (a view of its buffer when it has no nulls)."""
-    if arr.null_count:
-        arr = pc.fill_null(arr, 0)
-    return arr.to_numpy(zero_copy_only=False)
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    """The bytes of ``parts`` one after another, copied once (what
-    ``b"".join(p.tobytes() for p in parts)`` gives, without its two copies)."""
-    views = [np.ascontiguousarray(p).reshape(-1).view(np.uint8) for p in parts]
-    return views[0] if len(views) == 1 else np.concatenate(views)
-
-
-def _digests(table: pa.Table) -> bytes:
-    return b",".join(b"%016x" % column_digest(table.column(i)) for i in range(table.num_columns))
 
 
 def _sorted_by_step(parts: list[pa.Table]) -> pa.Table:
@@ -180,10 +118,11 @@ def compact(
         data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         with os.fdopen(out_fd, "wb") as sink:
             schema = with_checksum_flag(SCHEMAS[table])
-            writer = pq.ParquetWriter(sink, schema, **PARQUET_OPTIONS)
+            out = pa.BufferOutputStream()  # sealed in memory, then written
+            writer = pq.ParquetWriter(out, schema, **PARQUET_OPTIONS)
             rows = 0
             sums: list[bytes] = []
-            digests: list[bytes] = []
+            groups = 0
             parts: list[pa.Table] = []
             size = 0
             try:
@@ -196,22 +135,24 @@ def compact(
                     if size >= row_group_bytes:
                         group = _sorted_by_step(parts)
                         writer.write_table(group, row_group_size=group.num_rows)
-                        digests.append(_digests(group))
+                        groups += 1
                         parts, size = [], 0
                 if parts:
                     group = _sorted_by_step(parts)
                     writer.write_table(group, row_group_size=group.num_rows)
-                    digests.append(_digests(group))
+                    groups += 1
                 writer.add_key_value_metadata(
                     {
                         ROWS_KEY: str(rows).encode(),
                         SOURCE_KEY: b" ".join(sums),
-                        COLUMNS_KEY: b";".join(digests),
-                        NAMES_KEY: ",".join(schema.names).encode(),
+                        **placeholders(groups),
                     }
                 )
             finally:
                 writer.close()
+            written = bytearray(out.getvalue())
+            seal(written)
+            sink.write(written)
             sink.flush()
             os.fsync(sink.fileno())
         # A link, unlike a rename, never replaces what is at the name (a file, a link).
@@ -267,9 +208,10 @@ def parquet_row_groups(
     ``columns`` of it), or ``(None, Damage)`` when it is damaged; one ``(None, Damage)``
     for a file whose footer cannot be read or trusted.
 
-    Verified: every page's CRC-32, ``validate(full=True)``, the column types, the
-    required columns non-null, and the row count against the footer's
-    (:data:`ROWS_KEY`). ``SchemaVersionError`` (naming ``path``) for a newer version."""
+    Verified: the footer's and each row group's checksum (:mod:`.parquet_seal`),
+    ``validate(full=True)``, the column types, the required columns non-null, and the
+    row count against the footer's (:data:`ROWS_KEY`). ``SchemaVersionError`` (naming
+    ``path``) for a newer version."""
     try:
         pf = open_parquet(source, table, path)
         groups = range(pf.metadata.num_row_groups)
@@ -282,14 +224,32 @@ def parquet_row_groups(
         yield read_row_group(pf, i, table, columns)
 
 
-def open_parquet(source, table: str, path: str) -> pq.ParquetFile:
-    """The Parquet segment ``source``, its footer checked against ``table`` (ValueError
-    or an Arrow error when it cannot be trusted; ``SchemaVersionError`` when newer)."""
-    pf = pq.ParquetFile(source, page_checksum_verification=True)
+class ParquetSegment:
+    """An opened Parquet segment whose footer was checked (:func:`open_parquet`)."""
+
+    def __init__(self, file: pq.ParquetFile, sealed: FileSeal) -> None:
+        self.file = file
+        self.sealed = sealed
+
+    @property
+    def metadata(self) -> pq.FileMetaData:
+        return self.file.metadata
+
+    @property
+    def schema_arrow(self) -> pa.Schema:
+        return self.file.schema_arrow
+
+
+def open_parquet(source, table: str, path: str) -> ParquetSegment:
+    """The Parquet segment ``source``, its footer checked against its checksum and
+    ``table`` (ValueError or an Arrow error when it cannot be trusted;
+    ``SchemaVersionError`` when newer)."""
+    pf = pq.ParquetFile(source)
     meta = pf.metadata.metadata or {}
     version = meta.get(_VERSION_KEY, b"")
     if version.isdigit() and int(version) > SCHEMA_VERSION:
         raise SchemaVersionError(newer_message(path, int(version)))
+    sealed = FileSeal(source, pf.metadata)
     named = meta.get(_TABLE_KEY)
     if named != table.encode():
         shown = "none" if named is None else repr(named.decode("utf-8", "replace"))
@@ -303,40 +263,21 @@ def open_parquet(source, table: str, path: str) -> pq.ParquetFile:
     why = types_mismatch(table, pf.schema_arrow)
     if why is not None:
         raise ValueError(why)
-    return pf
-
-
-def _check_digests(pf: pq.ParquetFile, i: int, rows: pa.Table) -> None:
-    """The columns read against the footer's checksums of row group ``i``."""
-    groups = ((pf.metadata.metadata or {}).get(COLUMNS_KEY) or b"").split(b";")
-    if len(groups) != pf.metadata.num_row_groups:
-        raise ValueError("the footer's column checksums do not match its row groups")
-    sums = groups[i].split(b",")
-    names = ((pf.metadata.metadata or {}).get(NAMES_KEY) or b"").decode("utf-8", "replace")
-    names = names.split(",")
-    if len(sums) != len(names):
-        raise ValueError("the footer's column checksums do not match its columns")
-    if [n for n in names if n in rows.column_names] != rows.column_names:
-        raise ValueError("the columns read are not the columns written")
-    for name in rows.column_names:
-        want = sums[names.index(name)]
-        got = b"%016x" % column_digest(rows.column(name))
-        if got != want:
-            raise ValueError(f"column {name!r}: checksum mismatch")
+    return ParquetSegment(pf, sealed)
 
 
 def read_row_group(
-    pf: pq.ParquetFile, i: int, table: str, columns: list[str] | None = None
+    segment: ParquetSegment, i: int, table: str, columns: list[str] | None = None
 ) -> tuple[pa.Table | None, Damage | None]:
     """Row group ``i`` of an opened segment, verified (see :func:`parquet_row_groups`)."""
-    group = pf.metadata.row_group(i)
+    group = segment.metadata.row_group(i)
     offset = group.column(0).file_offset if group.num_columns else 0
     try:
-        rows_read = pf.read_row_group(i, columns=columns)
+        segment.sealed.check_group(i)  # before anything is decoded
+        rows_read = segment.file.read_row_group(i, columns=columns)
         if rows_read.num_rows != group.num_rows:
             raise ValueError(f"{rows_read.num_rows} row(s) read, the footer says {group.num_rows}")
         rows_read.validate(full=True)
-        _check_digests(pf, i, rows_read)
         if columns is None:
             rows_read = conform(table, rows_read)
         for name in (*REQUIRED[table], "rank"):
