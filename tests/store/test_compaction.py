@@ -70,27 +70,78 @@ def test_compacted_segment_holds_the_same_rows(tmp_path):
     assert len(compaction.source_checksums(meta)) == len(batches)
 
 
-def test_row_groups_sorted_by_step_and_read_back_whole(tmp_path):
-    rng = np.random.default_rng(5)
-    batches = random_batches(rng, 200, per_step=50)
-    write_segments(tmp_path, batches, compact=False)
-    st = os.stat(tmp_path / "layers.rank0.000000.arrows")
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+def compact_layers(path, row_group_bytes=None):
+    st = os.stat(path / "layers.rank0.000000.arrows")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         name, _identity = compaction.compact(
-            fd, "layers.rank0.000000.arrows", (st.st_dev, st.st_ino), row_group_bytes=50_000
+            fd, "layers.rank0.000000.arrows", (st.st_dev, st.st_ino), row_group_bytes
         )
     finally:
         os.close(fd)
-    pf = pq.ParquetFile(tmp_path / name)
+    return path / name
+
+
+def test_row_groups_hold_each_tensor_in_step_order_and_read_back_whole(tmp_path):
+    rng = np.random.default_rng(5)
+    batches = random_batches(rng, 200, per_step=50)
+    write_segments(tmp_path, batches, compact=False)
+    path = compact_layers(tmp_path, row_group_bytes=50_000)
+    pf = pq.ParquetFile(path)
     assert pf.metadata.num_row_groups > 3
     for i in range(pf.metadata.num_row_groups):
-        steps = pf.read_row_group(i, columns=["step"])["step"].to_numpy()
-        assert (np.diff(steps) >= 0).all()
+        group = pf.read_row_group(i, columns=["step", "layer"])
+        steps, layers = group["step"].to_numpy(), np.array(group["layer"].to_pylist())
+        # one run of rows per tensor (in the order the tensors come in a step), its steps
+        # ascending: a tensor's successive values are neighbours, whatever compresses
+        starts = np.flatnonzero(np.r_[True, layers[1:] != layers[:-1]])
+        assert layers[starts].tolist() == [f"l{j}" for j in range(50)]
+        assert all((np.diff(steps[layers == f"l{j}"]) > 0).all() for j in range(50))
         stats = pf.metadata.row_group(i).column(0).statistics
         assert stats.has_min_max and stats.min == steps.min() and stats.max == steps.max()
-    table, rec = read_segment_file(tmp_path / name)
-    assert rec is None and table.num_rows == sum(b.num_rows for b in batches)
+    # read back sorted by step, the rows of a step in the order written
+    table, rec = read_segment_file(path)
+    stream = pa.Table.from_batches(batches)
+    assert rec is None and table.equals(stream.take(np.argsort(stream["step"], kind="stable")))
+
+
+def test_rows_whose_order_changes_are_written_by_step(tmp_path):
+    """Where a step's tensors come in another order than an earlier step's, grouping by
+    tensor could not be undone by a sort by step: that row group stays sorted by step."""
+    b = TableBuilder("layers", 0)
+    for step, names in enumerate([["a", "b", "c"], ["a", "c", "b"], ["a", "b", "c"]]):
+        b.add({"step": step, "layer": names, "kind": "grad", "sumsq": [1.0, 2.0, 3.0]})
+    new = TableBuilder("layers", 0)  # a tensor first seen later, and the act rows of a step
+    for step in (3, 4):
+        new.add({"step": step, "layer": ["a", "d", "b", "c"], "kind": "act", "numel": 4})
+    batches = [b.build(), new.build()]
+    write_segments(tmp_path, batches, compact=False)
+    path = compact_layers(tmp_path, row_group_bytes=1)  # one row group per batch
+    pf = pq.ParquetFile(path)
+    assert pf.read_row_group(0)["step"].to_pylist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert pf.read_row_group(1)["layer"].to_pylist() == ["a", "a", "d", "d", "b", "b", "c", "c"]
+    table, rec = read_segment_file(path)
+    assert rec is None and table.equals(pa.Table.from_batches(batches))
+
+
+def test_histograms_and_floats_are_byte_stream_split(tmp_path):
+    """PARQUET_OPTIONS names the leaves it encodes; pyarrow ignores any other name silently."""
+    with RunWriter(tmp_path, manifest={"world_size": 1}, on_full="block") as w:
+        w.submit("layers", {"step": 0, "layer": ["a"], "kind": "grad", "sum": [1.0]})
+        counts = [[0, 3, 2**40], [1, 0, 0]]
+        w.submit("hist", {"step": 0, "layer": ["a", "b"], "kind": "grad", "counts": counts})
+    for table, columns in (("hist", ["counts", "neg_counts"]), ("layers", ["sum", "max_abs"])):
+        meta = pq.read_metadata(tmp_path / f"{table}.rank0.000000.parquet")
+        group = meta.row_group(0)
+        encodings = {
+            group.column(i).path_in_schema: group.column(i).encodings
+            for i in range(group.num_columns)
+        }
+        for name in columns:
+            leaf = next(k for k in encodings if k.split(".")[0] == name)
+            assert "BYTE_STREAM_SPLIT" in encodings[leaf], (leaf, encodings[leaf])
+    hist = load_run(tmp_path).hist
+    assert hist["counts"].to_pylist() == counts
 
 
 def write_run(path, steps=30):
@@ -215,3 +266,44 @@ def test_a_parquet_file_of_another_table_is_refused(tmp_path):
     table, rec = read_segment_file(tmp_path / "layers.rank0.000001.parquet")
     assert table.num_rows == 0 and "names table 'scalars', not 'layers'" in rec.error
     assert pa.types.is_dictionary(table.schema.field("layer").type)
+
+
+def test_tensor_ordered_files_read_back_as_written(tmp_path, monkeypatch):
+    """A Monitor-like run (a tensor's weights every few steps, a tensor first seen late,
+    small row groups) reads back from its Parquet files exactly as from its streams: rows
+    by step, those of a step in the order submitted; and a scan gives the same rows."""
+    from torchvitals.store.scan import scan_run
+
+    def write(path):
+        rng = np.random.default_rng(2)
+        with RunWriter(path, manifest={"world_size": 1}, on_full="block") as w:
+            for step in range(40):
+                names = ["fc1", "fc2", *(["late"] if step >= 17 else []), "fc2", "fc1"]
+                kinds = ["act", "act", *(["act"] if step >= 17 else []), "grad", "grad"]
+                if step % 5 == 0:
+                    names, kinds = [*names, "fc1", "fc2"], [*kinds, "weight", "weight"]
+                n = len(names)
+                w.submit("scalars", {"step": step, "name": ["loss"], "value": [rng.random()]})
+                w.submit("layers", {"step": step, "layer": names, "kind": kinds,
+                                    "numel": np.full(n, 64), "sumsq": rng.random(n)})  # fmt: skip
+                counts = rng.integers(0, 1 << 40, (n, 84))
+                w.submit("hist", {"step": step, "layer": names, "kind": kinds, "counts": counts,
+                                  "neg_counts": counts // 3})  # fmt: skip
+                if step % 3 == 0:
+                    w.flush()
+
+    monkeypatch.setattr(compaction, "ROW_GROUP_BYTES", 40_000)
+    monkeypatch.setattr(segments, "COMPACT", False)
+    write(tmp_path / "s")
+    monkeypatch.setattr(segments, "COMPACT", True)
+    write(tmp_path / "p")
+    pf = pq.ParquetFile(tmp_path / "p" / "hist.rank0.000000.parquet")
+    assert pf.metadata.num_row_groups > 2
+    layers = pf.read_row_group(0, columns=["layer"])["layer"].to_pylist()
+    assert layers[:2] == ["fc1", "fc1"]  # grouped by tensor in the file
+    streams, parquet = load_run(tmp_path / "s"), load_run(tmp_path / "p")
+    for table in ("scalars", "layers", "hist"):
+        want = streams.table(table).drop_columns(["attempt"])
+        assert parquet.table(table).drop_columns(["attempt"]).equals(want), table
+        chunks = list(scan_run(tmp_path / "p").chunks(table))
+        assert pa.concat_tables(chunks).drop_columns(["attempt"]).equals(want), table

@@ -8,14 +8,16 @@ the writer thread, into ``{table}.rank{R}.{seg:06d}.parquet``:
 - every batch of the stream is verified (``validate(full=True)`` and its checksum) while
   it is converted, one batch at a time (the stream is memory-mapped): a damaged stream is
   not converted and stays as it is;
-- zstd, row groups of about :data:`ROW_GROUP_BYTES` of data, each sorted by step (a stable
-  sort: the rows of one step keep their order), statistics on, so ``step``/``layer``
-  filters skip row groups; the footer's key-value metadata holds the table, the schema
-  version, the row count and the stream batches' checksums (:data:`ROWS_KEY`,
-  :data:`SOURCE_KEY`), which the reader checks against the file, and the checksums of the
-  file's own bytes (:mod:`.parquet_seal`: the footer's and each row group's), which the
-  reader checks before it decodes anything; every page also carries the CRC-32 of the
-  Parquet format (``write_page_checksum``) for other readers;
+- zstd, byte stream split histograms and float statistics (:data:`PARQUET_OPTIONS`), row
+  groups of about :data:`ROW_GROUP_BYTES` of data, in each a tensor's rows together in
+  step order (:func:`_file_order`; read back sorted by step, the rows of one step in the
+  order written: :func:`in_step_order`), statistics on, so ``step``/``layer`` filters
+  skip row groups; the footer's key-value metadata holds the table, the schema version,
+  the row count and the stream batches' checksums (:data:`ROWS_KEY`, :data:`SOURCE_KEY`),
+  which the reader checks against the file, and the checksums of the file's own bytes
+  (:mod:`.parquet_seal`: the footer's and each row group's), which the reader checks
+  before it decodes anything; every page also carries the CRC-32 of the Parquet format
+  (``write_page_checksum``) for other readers;
 - written to an exclusive temporary file in the run directory, ``fsync``ed, linked to its
   name (never over an existing file or link), then the stream is removed. A failure at
   any point (a full disk, a crash) leaves the stream segment intact; a crash between the
@@ -31,6 +33,7 @@ import os
 import secrets
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -39,7 +42,7 @@ from .integrity import Damage, verified_batches, with_checksum_flag
 from .layout import PARQUET, create_new, parse_segment_file, segment_name
 from .manifest_check import SchemaVersionError, newer_message
 from .parquet_seal import FileSeal, placeholders, seal
-from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform
+from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform, dictionary_codes
 
 __all__ = [
     "PARQUET_OPTIONS",
@@ -48,6 +51,7 @@ __all__ = [
     "SOURCE_KEY",
     "ParquetSegment",
     "compact",
+    "in_step_order",
     "open_parquet",
     "parquet_row_groups",
     "read_row_group",
@@ -61,11 +65,29 @@ ROW_GROUP_BYTES = 32 << 20
 #: How every compacted segment is written (pyarrow.parquet.ParquetWriter keywords).
 PARQUET_OPTIONS: dict = {
     "compression": "zstd",
-    # Labels as dictionaries; histogram bins delta-packed (small integers in few bits): a
-    # GPT-2-small run's hist 95.5 -> 76.3 bytes per tensor and step, against 88.3 for
-    # zstd level 9. Every engine that reads Parquet decodes both.
+    # (9 would save 1.7 more bytes per tensor and step for twice the CPU; 19: 3.9 more.)
+    "compression_level": 3,
+    # Labels as dictionaries.
     "use_dictionary": ["layer", "kind", "name", "rank", "attempt", "shards_complete"],
-    "column_encoding": {"counts": "DELTA_BINARY_PACKED", "neg_counts": "DELTA_BINARY_PACKED"},
+    # Histogram bins and the float statistics split into byte streams (BYTE_STREAM_SPLIT:
+    # the k-th byte of every value together; the values are unchanged, only laid out
+    # differently), which zstd then packs far better: small counts leave their high bytes
+    # zero. A GPT-2-small run (60 steps), bytes per tensor and step: hist 79.1 -> 57.1
+    # (54.5 with each tensor's rows together, :func:`_file_order`; 111.6 with
+    # DELTA_BINARY_PACKED, whose bit-packed deltas zstd cannot shrink), layers 19.1 ->
+    # 18.1 (16.7). A list's values are named by their leaf path ("counts.list.element";
+    # a plain "counts", or any name that is no leaf, pyarrow ignores without a word).
+    # pyarrow, polars, DuckDB and Spark 4 decode it (Parquet format 2.11 for integers).
+    "column_encoding": {
+        name: "BYTE_STREAM_SPLIT"
+        for name in (
+            "counts.list.element",
+            "neg_counts.list.element",
+            "sum",
+            "sumsq",
+            "max_abs",
+        )
+    },
     "write_statistics": True,
     "write_page_checksum": True,
     "data_page_size": 1 << 20,
@@ -79,10 +101,42 @@ _TABLE_KEY = b"torchvitals.table"
 _VERSION_KEY = b"torchvitals.schema_version"
 
 
-def _sorted_by_step(parts: list[pa.Table]) -> pa.Table:
-    t = pa.concat_tables(parts)
-    order = pc.sort_indices(t, sort_keys=[("step", "ascending")])  # stable
-    return t.take(order)
+def _file_order(parts: list[pa.Table]) -> pa.Table:
+    """The rows of one row group as they are written: each tensor's rows (one ``layer``,
+    ``kind``, ``rank`` and ``attempt``) together in step order, the tensors in the order
+    they first come in the rows sorted by step, so that a tensor's successive histograms
+    are neighbours (hist and layers 5-8% smaller). :func:`in_step_order` (a stable sort
+    by step) gives back the rows sorted by step, the rows of one step in the order they
+    were written; where it would not (a step whose tensors came in another order than an
+    earlier step's), and for ``scalars``, the rows are written sorted by step (stably)."""
+    rows = pa.concat_tables(parts)
+    steps = rows.column("step").to_numpy()
+    by_step = np.argsort(steps, kind="stable")
+    if "layer" not in rows.column_names or len(steps) < 2:
+        return rows.take(by_step)
+    keys = [dictionary_codes(rows.column(c))[0].astype(np.int64) for c in ("layer", "kind")]
+    keys += [pc.fill_null(rows.column(c), -1).to_numpy() for c in ("rank", "attempt")]
+    key = np.stack([k[by_step] for k in keys], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    number = np.empty(len(first), dtype=np.int64)  # tensors numbered as they first come
+    number[np.argsort(first, kind="stable")] = np.arange(len(first))
+    tensor = number[inverse.reshape(-1)]
+    sorted_steps = steps[by_step]
+    same_step = sorted_steps[1:] == sorted_steps[:-1]
+    if (same_step & (tensor[1:] < tensor[:-1])).any():
+        return rows.take(by_step)
+    return rows.take(by_step[np.lexsort((sorted_steps, tensor))])
+
+
+def in_step_order(rows: pa.Table) -> pa.Table:
+    """A row group's rows sorted by step, stably: the rows as they were written to the
+    stream, step by step (see :func:`_file_order`); ``rows`` itself when already sorted."""
+    if "step" not in rows.column_names:
+        return rows
+    steps = rows.column("step").to_numpy()
+    if len(steps) < 2 or (steps[1:] >= steps[:-1]).all():
+        return rows
+    return rows.take(np.argsort(steps, kind="stable"))
 
 
 def _sync_dir(dir_fd: int) -> None:
@@ -133,12 +187,12 @@ def compact(
                     rows += part.num_rows
                     sums.append(b"%024x" % checksum)
                     if size >= row_group_bytes:
-                        group = _sorted_by_step(parts)
+                        group = _file_order(parts)
                         writer.write_table(group, row_group_size=group.num_rows)
                         groups += 1
                         parts, size = [], 0
                 if parts:
-                    group = _sorted_by_step(parts)
+                    group = _file_order(parts)
                     writer.write_table(group, row_group_size=group.num_rows)
                     groups += 1
                 writer.add_key_value_metadata(
@@ -221,7 +275,8 @@ def parquet_row_groups(
         yield None, Damage(0, None, f"no readable Parquet footer: {_describe(exc)}")
         return
     for i in range(len(groups)):
-        yield read_row_group(pf, i, table, columns)
+        rows, damage = read_row_group(pf, i, table, columns)
+        yield (None if rows is None else in_step_order(rows)), damage
 
 
 class ParquetSegment:
