@@ -211,15 +211,7 @@ def test_a_failed_compaction_leaves_the_stream(tmp_path, monkeypatch):
 def test_a_damaged_row_group_is_skipped_and_the_others_kept(tmp_path):
     rng = np.random.default_rng(2)
     write_segments(tmp_path, random_batches(rng, 200, per_step=50), compact=False)
-    st = os.stat(tmp_path / "layers.rank0.000000.arrows")
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        name, _ = compaction.compact(
-            fd, "layers.rank0.000000.arrows", (st.st_dev, st.st_ino), row_group_bytes=100_000
-        )
-    finally:
-        os.close(fd)
-    path = tmp_path / name
+    path = compact_layers(tmp_path, row_group_bytes=100_000)
     whole, _ = read_segment_file(path)
     meta = pq.read_metadata(path)
     group = meta.row_group(1)

@@ -5,14 +5,13 @@ and a footer without checksums (or with a wrong one) is refused, naming the file
 from __future__ import annotations
 
 import itertools
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from test_compaction import random_batches, write_segments
+from test_compaction import compact_layers, random_batches, write_segments
 
-from torchvitals.store import compaction, parquet_seal
+from torchvitals.store import parquet_seal
 from torchvitals.store.reader import read_segment_file
 
 
@@ -21,17 +20,10 @@ def multi_group(tmp_path_factory):
     """A compacted layers segment of several row groups, and its rows."""
     path = tmp_path_factory.mktemp("seal")
     write_segments(path, random_batches(np.random.default_rng(3), 120, per_step=40), False)
-    st = os.stat(path / "layers.rank0.000000.arrows")
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        name, _ = compaction.compact(
-            fd, "layers.rank0.000000.arrows", (st.st_dev, st.st_ino), row_group_bytes=40_000
-        )
-    finally:
-        os.close(fd)
-    rows, rec = read_segment_file(path / name)
+    compacted = compact_layers(path, row_group_bytes=40_000)
+    rows, rec = read_segment_file(compacted)
     assert rec is None
-    return path / name, rows
+    return compacted, rows
 
 
 def group_bounds(path) -> list[tuple[int, int]]:
