@@ -9,9 +9,8 @@ the writer thread, into ``{table}.rank{R}.{seg:06d}.parquet``:
   it is converted, one batch at a time (the stream is memory-mapped): a damaged stream is
   not converted and stays as it is;
 - zstd, byte stream split histograms and float statistics (:data:`PARQUET_OPTIONS`), row
-  groups of about :data:`ROW_GROUP_BYTES` of data, in each a tensor's rows together in
-  step order (:func:`_file_order`; read back sorted by step, the rows of one step in the
-  order written: :func:`in_step_order`), statistics on, so ``step``/``layer`` filters
+  groups of about :data:`ROW_GROUP_BYTES` of data, each sorted by step (a stable sort: the
+  rows of one step keep their order), statistics on, so ``step``/``layer`` filters
   skip row groups; the footer's key-value metadata holds the table, the schema version,
   the row count and the stream batches' checksums (:data:`ROWS_KEY`, :data:`SOURCE_KEY`),
   which the reader checks against the file, and the checksums of the file's own bytes
@@ -33,7 +32,6 @@ import os
 import secrets
 from collections.abc import Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -41,8 +39,8 @@ import pyarrow.parquet as pq
 from .integrity import Damage, verified_batches, with_checksum_flag
 from .layout import PARQUET, create_new, parse_segment_file, segment_name
 from .manifest_check import SchemaVersionError, newer_message
-from .parquet_seal import FileSeal, placeholders, seal
-from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform, dictionary_codes
+from .parquet_seal import FOOTER_KEY, FileSeal, placeholders, seal
+from .schema import REQUIRED, SCHEMA_VERSION, SCHEMAS, conform
 
 __all__ = [
     "PARQUET_OPTIONS",
@@ -51,7 +49,6 @@ __all__ = [
     "SOURCE_KEY",
     "ParquetSegment",
     "compact",
-    "in_step_order",
     "open_parquet",
     "parquet_row_groups",
     "read_row_group",
@@ -73,11 +70,12 @@ PARQUET_OPTIONS: dict = {
     # the k-th byte of every value together; the values are unchanged, only laid out
     # differently), which zstd then packs far better: small counts leave their high bytes
     # zero. A GPT-2-small run (60 steps), bytes per tensor and step: hist 79.1 -> 57.1
-    # (54.5 with each tensor's rows together, :func:`_file_order`; 111.6 with
-    # DELTA_BINARY_PACKED, whose bit-packed deltas zstd cannot shrink), layers 19.1 ->
-    # 18.1 (16.7). A list's values are named by their leaf path ("counts.list.element";
-    # a plain "counts", or any name that is no leaf, pyarrow ignores without a word).
-    # pyarrow, polars, DuckDB and Spark 4 decode it (Parquet format 2.11 for integers).
+    # (111.6 with DELTA_BINARY_PACKED, whose bit-packed deltas zstd cannot shrink),
+    # layers 19.1 -> 18.1. Each tensor's rows together would save 2.6 and 1.4 more, but
+    # putting a row group back in step order costs the reader a quarter of its CPU. A
+    # list's values are named by their leaf path ("counts.list.element"; a plain
+    # "counts", or any name that is no leaf, pyarrow ignores without a word). pyarrow,
+    # polars, DuckDB and Spark 4 decode it (Parquet format 2.11 for integers).
     "column_encoding": {
         name: "BYTE_STREAM_SPLIT"
         for name in (
@@ -101,42 +99,10 @@ _TABLE_KEY = b"torchvitals.table"
 _VERSION_KEY = b"torchvitals.schema_version"
 
 
-def _file_order(parts: list[pa.Table]) -> pa.Table:
-    """The rows of one row group as they are written: each tensor's rows (one ``layer``,
-    ``kind``, ``rank`` and ``attempt``) together in step order, the tensors in the order
-    they first come in the rows sorted by step, so that a tensor's successive histograms
-    are neighbours (hist and layers 5-8% smaller). :func:`in_step_order` (a stable sort
-    by step) gives back the rows sorted by step, the rows of one step in the order they
-    were written; where it would not (a step whose tensors came in another order than an
-    earlier step's), and for ``scalars``, the rows are written sorted by step (stably)."""
-    rows = pa.concat_tables(parts)
-    steps = rows.column("step").to_numpy()
-    by_step = np.argsort(steps, kind="stable")
-    if "layer" not in rows.column_names or len(steps) < 2:
-        return rows.take(by_step)
-    keys = [dictionary_codes(rows.column(c))[0].astype(np.int64) for c in ("layer", "kind")]
-    keys += [pc.fill_null(rows.column(c), -1).to_numpy() for c in ("rank", "attempt")]
-    key = np.stack([k[by_step] for k in keys], axis=1)
-    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    number = np.empty(len(first), dtype=np.int64)  # tensors numbered as they first come
-    number[np.argsort(first, kind="stable")] = np.arange(len(first))
-    tensor = number[inverse.reshape(-1)]
-    sorted_steps = steps[by_step]
-    same_step = sorted_steps[1:] == sorted_steps[:-1]
-    if (same_step & (tensor[1:] < tensor[:-1])).any():
-        return rows.take(by_step)
-    return rows.take(by_step[np.lexsort((sorted_steps, tensor))])
-
-
-def in_step_order(rows: pa.Table) -> pa.Table:
-    """A row group's rows sorted by step, stably: the rows as they were written to the
-    stream, step by step (see :func:`_file_order`); ``rows`` itself when already sorted."""
-    if "step" not in rows.column_names:
-        return rows
-    steps = rows.column("step").to_numpy()
-    if len(steps) < 2 or (steps[1:] >= steps[:-1]).all():
-        return rows
-    return rows.take(np.argsort(steps, kind="stable"))
+def _sorted_by_step(parts: list[pa.Table]) -> pa.Table:
+    t = pa.concat_tables(parts)
+    order = pc.sort_indices(t, sort_keys=[("step", "ascending")])  # stable
+    return t.take(order)
 
 
 def _sync_dir(dir_fd: int) -> None:
@@ -181,18 +147,20 @@ def compact(
             size = 0
             try:
                 for batch, checksum in verified_batches(data):
+                    sums.append(b"%024x" % checksum)
+                    if not batch.num_rows:  # (Parquet has no empty row group)
+                        continue
                     part = conform(table, batch)
                     parts.append(part)
                     size += part.nbytes
                     rows += part.num_rows
-                    sums.append(b"%024x" % checksum)
                     if size >= row_group_bytes:
-                        group = _file_order(parts)
+                        group = _sorted_by_step(parts)
                         writer.write_table(group, row_group_size=group.num_rows)
                         groups += 1
                         parts, size = [], 0
                 if parts:
-                    group = _file_order(parts)
+                    group = _sorted_by_step(parts)
                     writer.write_table(group, row_group_size=group.num_rows)
                     groups += 1
                 writer.add_key_value_metadata(
@@ -275,8 +243,7 @@ def parquet_row_groups(
         yield None, Damage(0, None, f"no readable Parquet footer: {_describe(exc)}")
         return
     for i in range(len(groups)):
-        rows, damage = read_row_group(pf, i, table, columns)
-        yield (None if rows is None else in_step_order(rows)), damage
+        yield read_row_group(pf, i, table, columns)
 
 
 class ParquetSegment:
@@ -299,12 +266,20 @@ def open_parquet(source, table: str, path: str) -> ParquetSegment:
     """The Parquet segment ``source``, its footer checked against its checksum and
     ``table`` (ValueError or an Arrow error when it cannot be trusted;
     ``SchemaVersionError`` when newer)."""
+    if isinstance(source, (bytes, bytearray, memoryview, pa.Buffer)):
+        source = pa.BufferReader(source)
     pf = pq.ParquetFile(source)
     meta = pf.metadata.metadata or {}
     version = meta.get(_VERSION_KEY, b"")
-    if version.isdigit() and int(version) > SCHEMA_VERSION:
+    newer = version.isdigit() and int(version) > SCHEMA_VERSION
+    try:
+        sealed = FileSeal(source, pf.metadata)  # before anything in the footer is trusted
+    except ValueError:
+        if newer and FOOTER_KEY not in meta:  # sealed otherwise, by a later version
+            raise SchemaVersionError(newer_message(path, int(version))) from None
+        raise
+    if newer:
         raise SchemaVersionError(newer_message(path, int(version)))
-    sealed = FileSeal(source, pf.metadata)
     named = meta.get(_TABLE_KEY)
     if named != table.encode():
         shown = "none" if named is None else repr(named.decode("utf-8", "replace"))

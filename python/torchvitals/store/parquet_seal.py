@@ -4,11 +4,16 @@ Parquet's page CRCs cover page data, not the footer, which says where every page
 and how to decode it: a damaged footer can change values while every CRC still checks.
 So the footer's key-value metadata carries
 
-- :data:`GROUPS_KEY`: for each row group, 16 hex digits, the :func:`~.integrity.nh64` of
-  the file's bytes from where the group begins (byte 0 for the first) to where the next
-  one begins (the footer, for the last), ``;``-separated;
-- :data:`FOOTER_KEY`: 16 hex digits, the nh64 of the footer (the Thrift ``FileMetaData``
-  between the data and the 8-byte tail) with these 16 digits read as ``0``.
+- :data:`GROUPS_KEY`: for each row group, the checksum of the file's bytes from where the
+  group begins (byte 0 for the first) to where the next one begins (the footer, for the
+  last), ``;``-separated;
+- :data:`FOOTER_KEY`: the checksum of the footer (the Thrift ``FileMetaData`` between the
+  data and the 8-byte tail) with its own digits read as ``0``.
+
+A checksum is 24 hex digits, as for a stream's batches (:mod:`.integrity`): the CRC-32
+(``zlib.crc32``) and the :func:`~.integrity.nh64` of the bytes. nh64 alone misses some
+errors of two bits (two flipped top bits of words in one block cancel out); CRC-32
+catches every error of up to three bits, and nh64 gives 64 bits against the rest.
 
 The Parquet writer writes both as zeros; :func:`seal` fills them in, in place (the same
 length, so the footer stays valid). The reader checks the footer before trusting any of
@@ -20,6 +25,7 @@ hashing the decoded values (a histogram's bins decode to about 10 times their si
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any
 
 import pyarrow as pa
@@ -31,9 +37,13 @@ __all__ = ["FOOTER_KEY", "GROUPS_KEY", "FileSeal", "placeholders", "seal"]
 
 GROUPS_KEY = b"torchvitals.group_checksums"
 FOOTER_KEY = b"torchvitals.footer_checksum"
-_DIGITS = 16
+_DIGITS = 24
 _ZEROS = b"0" * _DIGITS
 _TAIL = 8  # footer length (4 bytes, little-endian) and b"PAR1"
+
+
+def _checksum(data: Any) -> bytes:
+    return b"%08x%016x" % (zlib.crc32(data), nh64(data))
 
 
 def placeholders(groups: int) -> dict[bytes, bytes]:
@@ -61,28 +71,39 @@ def _group_bounds(meta: pq.FileMetaData, footer_start: int) -> list[tuple[int, i
             offsets.append(col.dictionary_page_offset if col.has_dictionary_page else None)
             offsets.append(col.data_page_offset)
         starts.append(min(o for o in offsets if o is not None) if offsets else footer_start)
+    if not starts:
+        return []
     bounds = list(zip([0, *starts[1:]], [*starts[1:], footer_start], strict=True))
     if any(not 0 <= begin <= end <= footer_start for begin, end in bounds):
         raise ValueError("the footer's row groups are out of order")
     return bounds
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
 def _value_at(footer: bytes | bytearray, key: bytes, value: bytes) -> int:
-    """Where ``value``, the value of ``key``, lies in the serialized footer."""
-    at = footer.find(key)
-    if at < 0 or footer.find(key, at + 1) >= 0:
-        raise ValueError(f"{key.decode()} is not in the footer once")
-    # A Thrift string follows its key: a field header and the varint length, then it.
-    where = footer.find(value, at + len(key), at + len(key) + 8 + len(value))
-    if where < 0:
-        raise ValueError(f"{key.decode()}'s value is not where it belongs")
-    return where
+    """Where ``value``, the value of ``key``, lies in the serialized footer: found as the
+    whole Thrift ``KeyValue`` entry (two binary fields, then the struct's end), the last
+    one, since the key-value metadata follows the row groups, whose statistics may hold
+    any name, and nothing after it holds a name."""
+    entry = b"\x18" + _varint(len(key)) + key + b"\x18" + _varint(len(value))
+    at = footer.rfind(entry + value + b"\x00")
+    if at < 0:
+        raise ValueError(f"{key.decode()} is not in the footer")
+    return at + len(entry)
 
 
-def _footer_digest(footer: bytes | bytearray, at: int) -> bytes:
+def _footer_checksum(footer: bytes | bytearray, at: int) -> bytes:
     zeroed = bytearray(footer)
     zeroed[at : at + _DIGITS] = _ZEROS
-    return b"%016x" % nh64(zeroed)
+    return _checksum(zeroed)
 
 
 def seal(data: bytearray) -> None:
@@ -91,21 +112,32 @@ def seal(data: bytearray) -> None:
     footer_start = _footer_start(len(data), bytes(data[-_TAIL:]))
     meta = pq.read_metadata(pa.BufferReader(pa.py_buffer(data)))
     view = memoryview(data)
-    sums = b";".join(
-        b"%016x" % nh64(view[begin:end]) for begin, end in _group_bounds(meta, footer_start)
-    )
+    sums = b";".join(_checksum(view[b:e]) for b, e in _group_bounds(meta, footer_start))
+    written = meta.metadata[GROUPS_KEY]
+    if len(sums) != len(written):
+        raise ValueError(f"{meta.num_row_groups} row groups, checksum places for another count")
     footer = data[footer_start : len(data) - _TAIL]
-    at = _value_at(footer, GROUPS_KEY, meta.metadata[GROUPS_KEY])
+    at = _value_at(footer, GROUPS_KEY, written)
     footer[at : at + len(sums)] = sums
     at = _value_at(footer, FOOTER_KEY, _ZEROS)
-    footer[at : at + _DIGITS] = _footer_digest(footer, at)
+    footer[at : at + _DIGITS] = _footer_checksum(footer, at)
     data[footer_start : len(data) - _TAIL] = footer
+
+
+def _fileno(source: Any) -> int | None:
+    try:
+        return source.fileno()
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        return None
 
 
 def _size(source: Any) -> int:
     if isinstance(source, pa.NativeFile):
         return source.size()
-    return os.fstat(source.fileno()).st_size
+    fd = _fileno(source)
+    if fd is not None:
+        return os.fstat(fd).st_size
+    return source.seek(0, os.SEEK_END)
 
 
 def _read_at(source: Any, offset: int, length: int) -> Any:
@@ -114,7 +146,11 @@ def _read_at(source: Any, offset: int, length: int) -> Any:
     if isinstance(source, pa.NativeFile):
         source.seek(offset)
         return source.read_buffer(length)  # a view of an in-memory file, no copy
-    return os.pread(source.fileno(), length, offset)
+    fd = _fileno(source)
+    if fd is not None:
+        return os.pread(fd, length, offset)
+    source.seek(offset)
+    return source.read(length)
 
 
 class FileSeal:
@@ -130,11 +166,11 @@ class FileSeal:
         footer_start = _footer_start(size, bytes(_read_at(source, size - _TAIL, _TAIL)))
         footer = bytes(_read_at(source, footer_start, size - _TAIL - footer_start))
         want = values[FOOTER_KEY]
-        if _footer_digest(footer, _value_at(footer, FOOTER_KEY, want)) != want:
+        if _footer_checksum(footer, _value_at(footer, FOOTER_KEY, want)) != want:
             raise ValueError("footer checksum mismatch")
         self._source = source
         self._bounds = _group_bounds(meta, footer_start)
-        self._sums = values[GROUPS_KEY].split(b";")
+        self._sums = values[GROUPS_KEY].split(b";") if self._bounds else []
         if len(self._sums) != len(self._bounds):
             raise ValueError("the footer's checksums do not match its row groups")
 
@@ -142,5 +178,5 @@ class FileSeal:
         """ValueError unless row group ``i``'s bytes are the ones written."""
         begin, end = self._bounds[i]
         data = _read_at(self._source, begin, end - begin)
-        if len(data) != end - begin or b"%016x" % nh64(data) != self._sums[i]:
+        if len(data) != end - begin or _checksum(data) != self._sums[i]:
             raise ValueError("checksum mismatch")

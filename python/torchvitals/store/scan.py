@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .compaction import in_step_order, open_parquet, read_row_group
+from .compaction import open_parquet, read_row_group
 from .integrity import Damage
 from .layout import PARQUET, open_regular_file
 from .merge import merge_ranks, whole_layer_rows
@@ -207,7 +207,7 @@ def read_unit(
             files.close()
     if damage is not None:
         return empty_table(unit.table), damage
-    return conform(unit.table, in_step_order(rows)), None
+    return conform(unit.table, rows), None
 
 
 def merge_pieces(
