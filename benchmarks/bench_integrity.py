@@ -56,6 +56,7 @@ from torchvitals.store import compaction, integrity, reader, segments
 from torchvitals.store.compaction import parquet_row_groups
 from torchvitals.store.integrity import StreamContents, read_stream
 from torchvitals.store.layout import parse_segment_file
+from torchvitals.store.parquet_seal import FileSeal
 from torchvitals.store.reader import load_run
 from torchvitals.store.schema import SCHEMAS, conform
 from torchvitals.store.table_builder import TableBuilder
@@ -252,7 +253,23 @@ def parquet_reader_variants(path: str):
     def segments_with(read):
         return [list(read(pa.BufferReader(b), table, p)) for b, table, p in blobs]
 
+    def seal_checks():  # what the checks add to the decoding: the footer and every group
+        for b, _table, _path in blobs:
+            source = pa.BufferReader(b)
+            meta = pq.ParquetFile(source).metadata
+            sealed = FileSeal(source, meta)
+            for i in range(meta.num_row_groups):
+                sealed.check_group(i)
+
+    def decode():
+        for b, _table, _path in blobs:
+            pf = pq.ParquetFile(pa.BufferReader(b))
+            for i in range(pf.metadata.num_row_groups):
+                pf.read_row_group(i)
+
     return {
+        "seal checks alone": seal_checks,
+        "parquet decode alone": decode,
         "load_run parquet checked": lambda: load_run(path),
         "load_run parquet unchecked": load_unchecked,
         "parquet segments checked": lambda: segments_with(parquet_row_groups),
@@ -426,6 +443,15 @@ def main() -> None:
     size = f"{prun_bytes / 1e6:.1f} MB"
     print(f"\nreader, compacted: a run of {args.run_steps} steps x {args.layers} layers, {size}")
     print(timing.table(parquet_rows, ["variant", "ms", "cpu ms", "bytes/s", "cost", "cpu cost"]))
+    # Steadier than the ratios above on a shared machine: the checks timed on their own.
+    share = {
+        "seal checks cpu ms": f"{np.median(pr_cpu['seal checks alone']) * 1e3:.1f}",
+        "decode cpu ms": f"{np.median(pr_cpu['parquet decode alone']) * 1e3:.1f}",
+        "share": "{:.1%}".format(
+            np.median(pr_cpu["seal checks alone"]) / np.median(pr_cpu["parquet decode alone"])
+        ),
+    }
+    print("the seal checks alone, against decoding the same files (CPU):", share)
     size = f"{run_bytes / 1e6:.1f} MB"
     print(f"\nreader, streams: a run of {args.run_steps} steps x {args.layers} layers, {size}")
     print(timing.table(reader_rows, ["variant", "ms", "cpu ms", "bytes/s", "cost", "cpu cost"]))
@@ -439,6 +465,7 @@ def main() -> None:
             "writer": writer_rows,
             "compaction": compaction_rows,
             "reader_compacted": parquet_rows,
+            "seal_checks_against_decoding": share,
             "reader": reader_rows,
             "samples_s": {**w, **cw, **pr, **r, **c},
             "cpu_samples_s": {**w_cpu, **cw_cpu, **pr_cpu, **r_cpu},

@@ -11,8 +11,8 @@ hist) / rows of ``layers`` (one row per tensor and step). Two models:
   vocabulary and context cut to ``--vocab``/``--ctx`` so that a CPU trains it), trained
   on random tokens with a Monitor (histograms on, weights every 10 steps). 60 steps by
   default (``--gpt2-steps``): the figure hardly depends on the run's length, the fixed
-  costs of a file being small (71.7 bytes per tensor and step over 60 steps, 69.7 over
-  300: the default is slightly pessimistic).
+  costs of a file being small (with the files grouped by tensor, 71.7 bytes per tensor
+  and step over 60 steps, 69.7 over 300: the default is slightly pessimistic).
 
 Throughput: a RunWriter fed synthetic layer and histogram rows (``bench_integrity``'s
 cycle: ``--layers`` layers x ``--steps`` steps per flush, 84 bins) with small segments
