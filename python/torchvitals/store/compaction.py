@@ -3,7 +3,7 @@
 A segment is written as an Arrow IPC *stream* (appended batch by batch: whatever was
 flushed survives a crash). Streams have no footer, so no engine can scan them lazily;
 once a segment is closed (rotated, or at ``close()``), :func:`compact` converts it, on
-the writer thread, into ``{table}.rank{R}.{seg:06d}.parquet``:
+the writer's compaction thread, into ``{table}.rank{R}.{seg:06d}.parquet``:
 
 - every batch of the stream is verified (``validate(full=True)`` and its checksum) while
   it is converted, one batch at a time (the stream is memory-mapped): a damaged stream is
