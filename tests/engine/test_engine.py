@@ -96,6 +96,27 @@ def test_multi_chunk_tensors(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunks_without_negative_elements(device, dtype):
+    """Rectifier outputs: the CPU kernel skips the negative row for chunks whose elements
+    all have a clear sign bit. A lone negative, a -0.0 or a NaN in one chunk of many must
+    not be lost, nor counted in the negative row when it is no negative."""
+    gen = fresh_generator()
+    chunk = torchvitals._C.CHUNK_ELEMS
+    relu = random_tensor(gen, (3 * chunk + 5,), dtype).abs()
+    lone_negative, negative_zero, nan = relu.clone(), relu.clone(), relu.clone()
+    where = int(torch.randint(chunk, 2 * chunk, (1,), generator=gen))
+    lone_negative[where] = -3.0
+    negative_zero[where] = -0.0
+    nan[where] = -math.nan
+    units = relu.clone().view(-1, 1)[: 2 * chunk].view(-1, 64)
+    tensors = [relu, lone_negative, negative_zero, nan, units]
+    assert_matches_reference(
+        tensors, [None, None, None, None, 1], [None, 2.0, None, 2.0, None], device
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("count", [1, 2000])
 def test_tensor_lists(device, count):
     gen = fresh_generator()
