@@ -109,10 +109,11 @@ def test_chunks_without_negative_elements(device, dtype):
     lone_negative[where] = -3.0
     negative_zero[where] = -0.0
     nan[where] = -math.nan
-    units = relu.clone().view(-1, 1)[: 2 * chunk].view(-1, 64)
-    tensors = [relu, lone_negative, negative_zero, nan, units]
+    short_runs = relu[: 2 * chunk].view(-1, 64)  # units along the last dim
+    long_runs = lone_negative[: 2 * chunk].view(16, 64, -1)  # runs of 128 along dim 1
+    tensors = [relu, lone_negative, negative_zero, nan, short_runs, long_runs]
     assert_matches_reference(
-        tensors, [None, None, None, None, 1], [None, 2.0, None, 2.0, None], device
+        tensors, [None, None, None, None, 1, 1], [None, 2.0, None, 2.0, None, None], device
     )
 
 
