@@ -34,7 +34,11 @@ enum DescCol : int {
   kDescUnits = 4,  // size of the feature dim, 0 when there is none
   kDescFlagOffset = 5,  // first slot of this tensor's units in the unit-flag buffers
   kDescChunkBegin = 6,  // first work chunk of this tensor (prefix sum of chunk counts)
-  kDescCols = 7,
+  kDescRectifiedOf = 7,  // -1, or the row of a tensor x that this one equals max(x, 0) of
+                         // (same shape, strides and dtype; x without units, this one without
+                         // a saturation threshold): the CPU backend then takes this row from
+                         // the pass over x instead of reading it; the CUDA backend reads it
+  kDescCols = 8,
 };
 
 // Columns of the float64 moments output [T, kMomentCols].
@@ -57,7 +61,7 @@ enum CountCol : int {
 // reads them (engine/contract.py), so neither side retypes the other's layout.
 inline constexpr const char* kDTypeNames[kDTypes] = {"float32", "float16", "bfloat16", "float64"};
 inline constexpr const char* kDescNames[kDescCols] = {
-    "data", "numel", "dtype", "inner", "units", "flag_offset", "chunk_begin"};
+    "data", "numel", "dtype", "inner", "units", "flag_offset", "chunk_begin", "rectified_of"};
 inline constexpr const char* kMomentNames[kMomentCols] = {"sum", "sumsq", "max_abs"};
 inline constexpr const char* kCountNames[kCountCols] = {
     "numel", "nan", "inf", "zeros", "saturated", "units", "dead_units", "saturated_units"};

@@ -18,7 +18,7 @@ namespace {
 
 struct ChunkKernel {
   const char* isa;
-  void (*reduce)(const StatsBuffers&, const Chunk&, ChunkResult&);
+  void (*reduce)(const StatsBuffers&, const Chunk&, ChunkResult&, ChunkResult*);
 };
 
 ChunkKernel pick_chunk_kernel() {
@@ -43,25 +43,55 @@ int64_t count_zero_flags(const uint8_t* flags, int64_t n) {
 // its threads, and a parallel region there would wait forever: children run serially.
 const pid_t g_loaded_by = getpid();
 
+// A rectified row's histogram from its source's: max(x, 0) turns every negative element
+// (-Inf included) into a zero and keeps the rest (NaN stays NaN).
+void rectify_hist(const int64_t* source, int64_t* out) {
+  const int64_t* all = source + kHistAll * kHistBins;
+  const int64_t* negative = source + kHistNegative * kHistBins;
+  int64_t negatives = 0;
+  for (int b = 0; b < kHistBins; ++b) {
+    out[kHistAll * kHistBins + b] = all[b] - negative[b];
+    out[kHistNegative * kHistBins + b] = 0;
+    negatives += negative[b];
+  }
+  out[kHistAll * kHistBins + kHistZero] += negatives;
+}
+
 }  // namespace
 
 const char* cpu_isa() { return g_chunk_kernel.isa; }
 
 void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
   const int64_t T = buf.num_tensors;
+  auto desc = [&](int64_t t) { return buf.desc + t * kDescCols; };
+  // The row each tensor's pass also fills with the statistics of max(x, 0), or -1.
+  std::vector<int64_t> rectified_by(static_cast<size_t>(T), -1);
+  bool any_rectified = false;
+  for (int64_t t = 0; t < T; ++t) {
+    if (desc(t)[kDescRectifiedOf] < 0) continue;
+    rectified_by[desc(t)[kDescRectifiedOf]] = t;
+    any_rectified = true;
+  }
   std::vector<Chunk> chunks;
   chunks.reserve(static_cast<size_t>(buf.num_chunks));
+  std::vector<size_t> first_chunk(static_cast<size_t>(T) + 1);
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t n = buf.desc[t * kDescCols + kDescNumel];
+    first_chunk[t] = chunks.size();
+    if (desc(t)[kDescRectifiedOf] >= 0) continue;  // never read: its source's pass fills it
+    const int64_t n = desc(t)[kDescNumel];
     for (int64_t b = 0; b < n; b += kChunkElems)
-      chunks.push_back({t, b, std::min(n, b + kChunkElems)});
+      chunks.push_back({t, b, std::min(n, b + kChunkElems), rectified_by[t]});
   }
+  first_chunk[T] = chunks.size();
   std::vector<ChunkResult> results(chunks.size());
+  // The rectified rows' results, by the chunk of the source they come from.
+  std::vector<ChunkResult> rectified(any_rectified ? chunks.size() : 0);
 
   std::atomic<size_t> next{0};
   auto work = [&] {
     for (size_t i = next.fetch_add(1); i < chunks.size(); i = next.fetch_add(1))
-      g_chunk_kernel.reduce(buf, chunks[i], results[i]);
+      g_chunk_kernel.reduce(buf, chunks[i], results[i],
+                            chunks[i].rectified >= 0 ? &rectified[i] : nullptr);
   };
   // OpenMP is torch's own CPU thread pool (one libgomp per process): its threads, already
   // awake after the training step's last op, take the chunks with no start-up and without
@@ -76,31 +106,40 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
     work();
   }
 
-  size_t ci = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t* d = buf.desc + t * kDescCols;
-    double* m = buf.moments + t * kMomentCols;
-    int64_t* cnt = buf.counts + t * kCountCols;
-    int64_t* h = buf.hist + t * kHistRows * kHistBins;
-    m[kSum] = m[kSumSq] = m[kMaxAbs] = 0.0;
-    std::fill(h, h + kHistRows * kHistBins, 0);
-    int64_t nan = 0, saturated = 0;
-    for (; ci < chunks.size() && chunks[ci].tensor == t; ++ci) {
-      const ChunkResult& r = results[ci];
-      m[kSum] += r.sum;
-      m[kSumSq] += r.sumsq;
-      m[kMaxAbs] = std::max(m[kMaxAbs], r.max_abs);
-      nan += r.nan;
-      saturated += r.saturated;
-      for (int row = 0; row < kHistRows; ++row)
-        for (int b = 0; b < kHistBins; ++b) h[row * kHistBins + b] += r.hist[row][b];
+  // Rows read by a pass first, then the rectified rows, which need their source's totals.
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t* d = desc(t);
+      const int64_t source = d[kDescRectifiedOf];
+      if ((source >= 0) != (pass == 1)) continue;
+      double* m = buf.moments + t * kMomentCols;
+      int64_t* cnt = buf.counts + t * kCountCols;
+      int64_t* h = buf.hist + t * kHistRows * kHistBins;
+      m[kSum] = m[kSumSq] = m[kMaxAbs] = 0.0;
+      std::fill(h, h + kHistRows * kHistBins, 0);
+      int64_t nan = 0, saturated = 0;
+      const int64_t read = source >= 0 ? source : t;
+      for (size_t ci = first_chunk[read]; ci < first_chunk[read + 1]; ++ci) {
+        const ChunkResult& r = source >= 0 ? rectified[ci] : results[ci];
+        m[kSum] += r.sum;
+        m[kSumSq] += r.sumsq;
+        m[kMaxAbs] = std::max(m[kMaxAbs], r.max_abs);
+        nan += r.nan;
+        saturated += r.saturated;
+        for (int row = 0; row < kHistRows; ++row)
+          for (int b = 0; b < kHistBins; ++b) h[row * kHistBins + b] += r.hist[row][b];
+      }
+      if (source >= 0) {
+        rectify_hist(buf.hist + source * kHistRows * kHistBins, h);
+        nan = buf.counts[source * kCountCols + kNan];
+      }
+      const int64_t units = d[kDescUnits];
+      const int64_t off = d[kDescFlagOffset];
+      const int64_t never_positive = count_zero_flags(buf.unit_positive + off, units);
+      const int64_t never_unsaturated = count_zero_flags(buf.unit_unsaturated + off, units);
+      finalize_counts(d[kDescNumel], units, buf.saturation[t], h, nan, saturated, never_positive,
+                      never_unsaturated, cnt);
     }
-    const int64_t units = d[kDescUnits];
-    const int64_t off = d[kDescFlagOffset];
-    const int64_t never_positive = count_zero_flags(buf.unit_positive + off, units);
-    const int64_t never_unsaturated = count_zero_flags(buf.unit_unsaturated + off, units);
-    finalize_counts(d[kDescNumel], units, buf.saturation[t], h, nan, saturated, never_positive,
-                    never_unsaturated, cnt);
   }
 }
 

@@ -133,6 +133,8 @@ struct ChunkScan {
   I max_abs_bits = {};  // of every element, NaN and Inf included, unless the scan masks them
   I saturated = {};
   I signs = {};  // the OR of every element's bits: its sign bit is clear if none is negative
+  Moments rectified;  // of max(x, 0), when the chunk names a rectified row
+  I rectified_max_bits = {};
 };
 
 template <typename Vec>
@@ -176,7 +178,9 @@ struct RunFlags {
 // kMaskNonFinite, NaN and Inf flow into the sums and the maximum, which is cheaper, and
 // show there: the caller redoes the rare chunk that has one with kMaskNonFinite. Without
 // kSaturation (a NaN threshold) nothing is saturated; without kUnits no run is flagged.
-template <bool kMaskNonFinite, bool kSaturation, bool kUnits, typename T>
+// With kRectified the sums and maximum of max(x, 0) are taken too, from the values the
+// scan sums (masked or not), so that they equal a pass over max(x, 0) bit for bit.
+template <bool kMaskNonFinite, bool kSaturation, bool kUnits, bool kRectified, typename T>
 TV_INLINE RunFlags scan_run(const T* x, int64_t n, T threshold, ChunkScan<T>& s) {
   using L = Lanes<T>;
   using V = typename L::V;
@@ -184,21 +188,29 @@ TV_INLINE RunFlags scan_run(const T* x, int64_t n, T threshold, ChunkScan<T>& s)
   constexpr int64_t W = L::kWidth;
   // Run-local accumulators: GCC keeps these in registers, struct members it may not.
   V positive_max = V{} - std::numeric_limits<T>::infinity();
-  I max_abs_bits = {}, saturated = {}, signs = {};
+  I max_abs_bits = {}, saturated = {}, signs = {}, rectified_max_bits = {};
   // Two sets of sums, for even and odd vectors: one chain of float64 adds would wait on
   // the add latency at every vector.
-  Moments odd;
-  auto scan = [&](V v, Moments& moments) {
+  Moments odd, rectified_odd;
+  auto scan = [&](V v, Moments& moments, Moments& rectified) {
     const I bits = (I)v;
     const I abs_bits = bits & static_cast<typename L::Bits>(L::kAbsMask);
+    I kept = bits;  // the bits summed: NaN and Inf only left out by the masked scan
     if constexpr (kMaskNonFinite) {
       const I finite = abs_bits < static_cast<typename L::Bits>(L::kInfBits);
-      moments.add((V)(bits & finite));
+      kept = bits & finite;
+      moments.add((V)kept);
       const I finite_abs_bits = abs_bits & finite;
       max_abs_bits = finite_abs_bits > max_abs_bits ? finite_abs_bits : max_abs_bits;
     } else {
       moments.add(v);
       max_abs_bits = abs_bits > max_abs_bits ? abs_bits : max_abs_bits;
+    }
+    if constexpr (kRectified) {
+      const I positive_bits = kept & (I)(v > V{});  // max(x, 0): NaN and x <= 0 give +0
+      rectified.add((V)positive_bits);
+      rectified_max_bits =
+          positive_bits > rectified_max_bits ? positive_bits : rectified_max_bits;
     }
     signs |= bits;
     if constexpr (kSaturation) saturated -= (V)abs_bits >= threshold;  // false for NaNs
@@ -211,15 +223,20 @@ TV_INLINE RunFlags scan_run(const T* x, int64_t n, T threshold, ChunkScan<T>& s)
     // rarely still cached); asking 4 KB ahead hides the latency the hardware prefetcher
     // leaves: 12-15% faster on the small CNN's activations. Prefetches never fault.
     __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetchBytes);
-    scan(load<V>(x + i), s.moments);
-    scan(load<V>(x + i + W), odd);
+    scan(load<V>(x + i), s.moments, s.rectified);
+    scan(load<V>(x + i + W), odd, rectified_odd);
   }
-  if (i < full) scan(load<V>(x + i), s.moments);
+  if (i < full) scan(load<V>(x + i), s.moments, s.rectified);
   if (full < n) {  // the tail, zero-padded: take the padding's zeros back
-    scan(load_tail<V>(x + full, n - full), odd);
+    scan(load_tail<V>(x + full, n - full), odd, rectified_odd);
     if (kSaturation && T{0} >= threshold) saturated[0] -= full + W - n;
   }
   s.moments.add(odd);
+  if constexpr (kRectified) {
+    s.rectified.add(rectified_odd);
+    s.rectified_max_bits =
+        rectified_max_bits > s.rectified_max_bits ? rectified_max_bits : s.rectified_max_bits;
+  }
   s.max_abs_bits = max_abs_bits > s.max_abs_bits ? max_abs_bits : s.max_abs_bits;
   s.saturated += saturated;
   s.signs |= signs;
@@ -256,11 +273,12 @@ TV_INLINE void for_each_run(int64_t n, const UnitRuns& runs, Visit visit) {
 }
 
 // Pass 1 over a chunk, run by run, flagging each run's unit.
-template <bool kMaskNonFinite, bool kSaturation, bool kUnits, typename T>
+template <bool kMaskNonFinite, bool kSaturation, bool kUnits, bool kRectified, typename T>
 void scan_runs(const T* x, int64_t n, T threshold, const UnitRuns& runs, ChunkScan<T>& state) {
   ChunkScan<T> s = state;  // in registers for the loop, not behind the reference
   for_each_run(n, runs, [&](int64_t i, int64_t m, int64_t unit) {
-    const RunFlags f = scan_run<kMaskNonFinite, kSaturation, kUnits>(x + i, m, threshold, s);
+    const RunFlags f =
+        scan_run<kMaskNonFinite, kSaturation, kUnits, kRectified>(x + i, m, threshold, s);
     if constexpr (kUnits) {
       if (f.positive) set_flag(runs.positive + unit);
       if (kSaturation && f.unsaturated) set_flag(runs.unsaturated + unit);
@@ -271,15 +289,24 @@ void scan_runs(const T* x, int64_t n, T threshold, const UnitRuns& runs, ChunkSc
 
 // scan_runs compiled for what the tensor asks: each test left out of the loop is a few
 // vector operations per 8 elements less.
-template <bool kMaskNonFinite, typename T>
+template <bool kMaskNonFinite, bool kRectified, typename T>
 void scan_chunk(const T* x, int64_t n, T threshold, const UnitRuns& runs, ChunkScan<T>& state) {
   const bool saturation = threshold == threshold;  // a NaN threshold saturates nothing
   if (runs.units == 0) {
-    if (saturation) return scan_runs<kMaskNonFinite, true, false>(x, n, threshold, runs, state);
-    return scan_runs<kMaskNonFinite, false, false>(x, n, threshold, runs, state);
+    if (saturation)
+      return scan_runs<kMaskNonFinite, true, false, kRectified>(x, n, threshold, runs, state);
+    return scan_runs<kMaskNonFinite, false, false, kRectified>(x, n, threshold, runs, state);
   }
-  if (saturation) return scan_runs<kMaskNonFinite, true, true>(x, n, threshold, runs, state);
-  scan_runs<kMaskNonFinite, false, true>(x, n, threshold, runs, state);
+  if (saturation)
+    return scan_runs<kMaskNonFinite, true, true, kRectified>(x, n, threshold, runs, state);
+  scan_runs<kMaskNonFinite, false, true, kRectified>(x, n, threshold, runs, state);
+}
+
+template <bool kMaskNonFinite, typename T>
+void scan_chunk(const T* x, int64_t n, T threshold, const UnitRuns& runs, bool rectified,
+                ChunkScan<T>& state) {
+  if (rectified) return scan_chunk<kMaskNonFinite, true>(x, n, threshold, runs, state);
+  scan_chunk<kMaskNonFinite, false>(x, n, threshold, runs, state);
 }
 
 // Pass 2 over x[0, n): counts elements by key (exponent field) into key_counts, row
@@ -443,10 +470,13 @@ T threshold_as(double threshold) {
   return t;
 }
 
-// One chunk of a float or double tensor whose elements are x[begin, end).
+// One chunk of a float or double tensor whose elements are x[begin, end); `d` is the
+// descriptor its units come from (the rectified row's, when there is one), and
+// *rectified receives the sums and maximum of max(x, 0).
 template <typename T>
 void reduce_typed_chunk(const T* x, const int64_t* d, double saturation, const Chunk& c,
-                        uint8_t* positive, uint8_t* unsaturated, ChunkResult& r) {
+                        uint8_t* positive, uint8_t* unsaturated, ChunkResult& r,
+                        ChunkResult* rectified) {
   using L = Lanes<T>;
   using Bits = typename L::Bits;
   const T threshold = threshold_as<T>(saturation);
@@ -461,11 +491,12 @@ void reduce_typed_chunk(const T* x, const int64_t* d, double saturation, const C
   const bool short_runs = units > 0 && inner < kMinFusedRun;
   const UnitRuns& scanned_runs = short_runs ? whole_chunk : runs;
   ChunkScan<T> s;
-  scan_chunk<false>(x, n, threshold, scanned_runs, s);
+  const bool rectify = rectified != nullptr;
+  scan_chunk<false>(x, n, threshold, scanned_runs, rectify, s);
   Bits top_bits = static_cast<Bits>(horizontal_max(s.max_abs_bits));
   if (top_bits >= L::kInfBits) {
     s = ChunkScan<T>{};  // a NaN or Inf: the sums and maximum must leave it out
-    scan_chunk<true>(x, n, threshold, scanned_runs, s);
+    scan_chunk<true>(x, n, threshold, scanned_runs, rectify, s);
     top_bits = static_cast<Bits>(horizontal_max(s.max_abs_bits));
   }
   if (short_runs) mark_short_runs<T>(x, n, threshold, runs);
@@ -487,6 +518,16 @@ void reduce_typed_chunk(const T* x, const int64_t* d, double saturation, const C
     r.sumsq += horizontal_sum_f64(s.moments.sumsq[k]);
   }
   r.max_abs = static_cast<double>(max_abs);
+  if (rectify) {
+    for (int k = 0; k < 2; ++k) {
+      rectified->sum += horizontal_sum_f64(s.rectified.sum[k]);
+      rectified->sumsq += horizontal_sum_f64(s.rectified.sumsq[k]);
+    }
+    const Bits rectified_top = static_cast<Bits>(horizontal_max(s.rectified_max_bits));
+    T rectified_max;
+    std::memcpy(&rectified_max, &rectified_top, sizeof(rectified_max));
+    rectified->max_abs = static_cast<double>(rectified_max);
+  }
   r.saturated = horizontal_sum(s.saturated);
   constexpr int kBias = L::kKeyMask / 2;
   for (int row = 0; row < kHistRows; ++row) {
@@ -509,28 +550,30 @@ const float* widen(const uint16_t* x, int64_t n, Loader to_f32) {
 
 }  // namespace
 
-void reduce_chunk(const StatsBuffers& buf, const Chunk& c, ChunkResult& r) {
+void reduce_chunk(const StatsBuffers& buf, const Chunk& c, ChunkResult& r, ChunkResult* rectified) {
   const int64_t* d = buf.desc + c.tensor * kDescCols;
   const double saturation = buf.saturation[c.tensor];
   const auto* data = reinterpret_cast<const char*>(d[kDescData]);
   const int64_t n = c.end - c.begin;
+  // x has no units of its own when a rectified row is derived from it: that row's are set.
+  const int64_t* units = rectified != nullptr ? buf.desc + c.rectified * kDescCols : d;
   uint8_t* positive = buf.unit_positive;
   uint8_t* unsaturated = buf.unit_unsaturated;
   switch (d[kDescDType]) {
     case kFloat32:
-      return reduce_typed_chunk(reinterpret_cast<const float*>(data) + c.begin, d, saturation, c,
-                                positive, unsaturated, r);
+      return reduce_typed_chunk(reinterpret_cast<const float*>(data) + c.begin, units, saturation,
+                                c, positive, unsaturated, r, rectified);
     case kFloat64:
-      return reduce_typed_chunk(reinterpret_cast<const double*>(data) + c.begin, d, saturation, c,
-                                positive, unsaturated, r);
+      return reduce_typed_chunk(reinterpret_cast<const double*>(data) + c.begin, units, saturation,
+                                c, positive, unsaturated, r, rectified);
     case kFloat16:
       return reduce_typed_chunk(
-          widen(reinterpret_cast<const uint16_t*>(data) + c.begin, n, f16_to_f32), d, saturation, c,
-          positive, unsaturated, r);
+          widen(reinterpret_cast<const uint16_t*>(data) + c.begin, n, f16_to_f32), units,
+          saturation, c, positive, unsaturated, r, rectified);
     case kBFloat16:
       return reduce_typed_chunk(
-          widen(reinterpret_cast<const uint16_t*>(data) + c.begin, n, bf16_to_f32), d, saturation,
-          c, positive, unsaturated, r);
+          widen(reinterpret_cast<const uint16_t*>(data) + c.begin, n, bf16_to_f32), units,
+          saturation, c, positive, unsaturated, r, rectified);
   }
 }
 

@@ -19,6 +19,7 @@ from torchvitals.collect.reductions import StepReductions
 from torchvitals.collect.scalars import ScalarReader
 from torchvitals.collect.selection import select_modules
 from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
+from torchvitals.engine.op import fused_stats
 from torchvitals.engine.reference import tensor_stats_reference
 
 
@@ -103,6 +104,63 @@ def test_activation_capture_measures_in_place_overwritten_outputs_in_their_hook(
             sum_ = MOMENT_KEYS.index("sum")
             expected = float(model.fc(x).detach().sum())
             assert float(acts.moments[0, sum_]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_relu_outputs_come_from_the_pass_over_their_input_and_equal_their_own():
+    """A ReLU whose input is a measured activation is not read again on the CPU: its row
+    comes from the pass over the input and equals the engine on the ReLU's output bit for
+    bit. In-place ReLUs, ReLUs of unmeasured inputs and other rectifiers are read. (The
+    input's own sums are taken run by run along the ReLU's units: equal within rounding.)"""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+            self.fc, self.act = nn.Linear(36, 5), nn.ReLU()
+            self.gelu, self.inplace = nn.GELU(), nn.ReLU(inplace=True)
+            self.free = nn.ReLU()
+
+        def forward(self, x):
+            h = self.relu(self.bn(self.conv(x))).flatten(1)
+            y = self.act(self.fc(h))
+            return self.free(self.inplace(self.gelu(y) * 2))  # inputs nobody measured
+
+    torch.manual_seed(0)
+    model = Net()
+    reductions, calls = StepReductions(), []
+    compute = reductions.compute
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1] if len(args) == 7 else kwargs.get("rectified_of"))
+        return compute(*args, **kwargs)
+
+    reductions.compute = spy
+    capture = ActivationCapture(
+        model, reductions, act_every=1, grad_every=1, warn_once=lambda *a: None
+    )
+    outputs = {}
+
+    def keep(module, args, output, name):  # returns None: the output stays the module's
+        outputs[name] = output.detach().clone()
+
+    for module, spec in select_modules(model):
+        module.register_forward_hook(capture.activation_hook(spec))
+        module.register_forward_hook(lambda m, a, o, name=spec.name: keep(m, a, o, name))
+    capture.begin_forward()
+    model(torch.randn(2, 3, 5, 5))
+    capture.end_forward()
+    (acts,) = reductions.take()
+    names = acts.names
+    assert names == ["conv", "bn", "relu", "fc", "act", "gelu", "inplace", "free"]
+    assert calls == [[None, None, 1, None, 3, None, None, None]]
+    for i, name in enumerate(names):
+        dim = 1 if name in ("relu", "act", "gelu", "inplace", "free") else None
+        moments, counts, hist = fused_stats(
+            [outputs[name]], feature_dim=[dim], saturation=[None if dim else 6.0]
+        )
+        if name not in ("bn", "fc"):  # the derived rows too: bit for bit
+            assert torch.equal(acts.moments[i], moments[0]), name
+        assert torch.equal(acts.counts[i], counts[0]) and torch.equal(acts.hist[i], hist[0])
 
 
 def test_parameter_reader_reads_each_gradient_once_per_step_across_optimizers():

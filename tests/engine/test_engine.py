@@ -11,6 +11,7 @@ from engine_inputs import DTYPES, non_contiguous, random_shape, random_tensor, s
 
 import torchvitals
 from torchvitals.engine import histogram
+from torchvitals.engine.op import fused_stats
 from torchvitals.engine.reference import STAT_KEYS, tensor_stats_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -115,6 +116,44 @@ def test_chunks_without_negative_elements(device, dtype):
     assert_matches_reference(
         tensors, [None, None, None, None, 1, 1], [None, 2.0, None, 2.0, None, None], device
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rectified_rows_equal_a_pass_over_them(device, dtype):
+    """A ReLU's output named by ``rectified_of`` is taken from the pass over its input (on
+    the CPU): every statistic bit for bit what reading it gives, its units included
+    (short runs, long runs, channels-last); the input's row keeps its counts and histogram
+    exactly and its sums within the bound (they are summed run by run along the units)."""
+    gen = fresh_generator()
+    chunk = torchvitals._C.CHUNK_ELEMS
+    sources = [
+        random_tensor(gen, (2 * chunk + 37,), dtype),
+        random_tensor(gen, (8, 16, 24, 24), dtype),  # runs of 576 along dim 1
+        random_tensor(gen, (8, 16, 4, 5), dtype).to(memory_format=torch.channels_last),
+        random_tensor(gen, (300, 7), dtype),  # runs of one along the last dim
+        random_tensor(gen, (0, 3), dtype),
+    ]
+    unit_dims = [None, 1, 1, -1, 1]
+    tensors, dims, thresholds, rectified_of = [], [], [], []
+    for x, dim in zip(sources, unit_dims, strict=True):
+        tensors += [x, torch.relu(x)]
+        dims += [None, dim]
+        thresholds += [2.0, None]
+        rectified_of += [None, len(tensors) - 2]
+    tensors = [t.to(device) for t in tensors]
+    got = fused_stats(tensors, feature_dim=dims, saturation=thresholds, rectified_of=rectified_of)
+    want = fused_stats(tensors, feature_dim=dims, saturation=thresholds)
+    derived = torch.tensor([j is not None for j in rectified_of], device=device)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g[derived], w[derived])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    scale = torch.stack(
+        [t.double().nan_to_num(0, 0, 0).abs().sum() for t in tensors]
+    ).to(device)  # fmt: skip
+    squares = torch.stack([t.double().nan_to_num(0, 0, 0).square().sum() for t in tensors])
+    assert ((got[0][:, 0] - want[0][:, 0]).abs() <= 1e-12 * scale).all()
+    assert ((got[0][:, 1] - want[0][:, 1]).abs() <= 1e-12 * squares.to(device)).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

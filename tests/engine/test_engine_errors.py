@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torchvitals
+from torchvitals.engine.op import fused_stats
 
 
 @pytest.mark.parametrize(
@@ -91,3 +92,36 @@ def test_inputs_requiring_grad_are_accepted():
     w = torch.randn(5, requires_grad=True)
     got = torchvitals.tensor_stats([w * 2])
     assert got["numel"].tolist() == [5] and not got["sum"].requires_grad
+
+
+@pytest.mark.parametrize(
+    ("rectified_of", "message"),
+    [
+        ([None, 0, None], r"rectified_of has 3 entries for 2 tensors"),
+        ([None, 2], r"rectified_of\[1\] must be None or a tensor index, got 2"),
+        ([None, "0"], r"rectified_of\[1\] must be None or a tensor index"),
+        ([None, True], r"rectified_of\[1\] must be None or a tensor index"),
+        ([1, 0], r"rectified_of\[0\]=1: tensors\[0\] has a saturation threshold"),
+    ],
+)
+def test_bad_rectified_of_is_named(rectified_of, message):
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=message):
+        fused_stats([x, x.relu()], saturation=[1.0, None], rectified_of=rectified_of)
+
+
+def test_a_rectified_row_needs_the_layout_and_no_units_of_its_source():
+    x = torch.randn(4, 3)
+    cases = [
+        ([x, x.relu().t().contiguous().t()], None, "dtype, shape and layout"),
+        ([x, x.relu().double()], None, "dtype, shape and layout"),
+        ([x, x.relu()], [1, None], r"would take the units of tensors\[0\]"),
+        ([x, x], None, "dtype, shape and layout"),  # a tensor is no rectified copy of itself
+    ]
+    for tensors, dims, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fused_stats(tensors, feature_dim=dims, rectified_of=[None, 0])
+    with pytest.raises(ValueError, match="itself derived"):
+        fused_stats([x, x.relu(), x.relu().relu()], rectified_of=[None, 0, 1])
+    with pytest.raises(ValueError, match="another derived tensor"):
+        fused_stats([x, x.relu(), x.relu()], rectified_of=[None, 0, 0])

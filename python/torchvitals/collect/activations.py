@@ -13,6 +13,7 @@ from torch import nn
 from torchvitals.collect.distributed import is_dtensor
 from torchvitals.collect.reductions import Reduction, StepReductions
 from torchvitals.collect.selection import HookSpec, feature_dim
+from torchvitals.engine.dispatch import rectifiable
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
@@ -54,7 +55,8 @@ class ActivationCapture:
         self._grad_every = grad_every
         self._warn_once = warn_once
         self.step = 0  # the Monitor's step count
-        self._stash: list[tuple[HookSpec, torch.Tensor, int | None]] = []
+        # (spec, activation, its version, the input of a rectifier: see HookSpec.rectifies)
+        self._stash: list[tuple[HookSpec, torch.Tensor, int | None, Any]] = []
         self._reduce_in_hook: set[str] = set()  # modules whose output is changed in place
         self._grad_stash: dict[str, torch.Tensor] = {}  # by module, in backward order
         self._recording = False
@@ -107,8 +109,9 @@ class ActivationCapture:
             else:
                 # An in-place op later bumps the version. (Compiled graphs functionalize
                 # in-place ops; their versions mean nothing.)
-                version = None if torch.compiler.is_compiling() else x._version
-                self._stash.append((spec, x, version))
+                version = None if compiling else x._version
+                source = first_tensor(args) if spec.rectifies and not compiling else None
+                self._stash.append((spec, x, version, source))
 
         on_forward.__name__ = "activation hook"
         return on_forward
@@ -128,7 +131,8 @@ class ActivationCapture:
         return self._model.training and torch.is_grad_enabled()
 
     def end_forward(self) -> None:
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             if not self._training():
                 return
         elif not self._recording:
@@ -137,8 +141,10 @@ class ActivationCapture:
         self._done = True
         stashed, self._stash = self._stash, []
         names, tensors, dims, thresholds, roles = [], [], [], [], []
+        rectified_of: list[int | None] = []
+        position: dict[int, int] = {}  # by id() of a measured activation (all alive here)
         previous = None
-        for spec, x, version in stashed:
+        for spec, x, version, source in stashed:
             if version is not None and x._version != version:
                 # An in-place op (ReLU(inplace=True), `out += identity`) overwrote this
                 # output after its hook: measure it in the hook from now on, drop it now.
@@ -152,13 +158,26 @@ class ActivationCapture:
             dim = feature_dim(spec, x.dim(), previous)
             if dim is not None and not spec.of_input:
                 previous = (x.dim(), dim)
+            if not compiling:  # compiled graphs measure each activation themselves
+                j = position.get(id(source)) if source is not None else None
+                derivable = (
+                    j is not None
+                    and j not in rectified_of
+                    and dims[j] is None
+                    and spec.saturation is None
+                    and rectifiable(tensors[j], x)
+                )
+                rectified_of.append(j if derivable else None)
+                position[id(x)] = len(tensors)
             names.append(spec.name)
             tensors.append(x)
             dims.append(dim if spec.has_units else None)
             thresholds.append(spec.saturation)
             roles.append(spec.role)
-        reductions = self._reductions.compute("act", names, tensors, dims, thresholds, roles)
-        if torch.compiler.is_compiling():
+        reductions = self._reductions.compute(
+            "act", names, tensors, dims, thresholds, roles, None if compiling else rectified_of
+        )
+        if compiling:
             # Assigned, not appended: appending reads the list, and Dynamo would guard on
             # its length. Under gradient accumulation the last micro-batch's are kept.
             self._compiled = reductions

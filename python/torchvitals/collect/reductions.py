@@ -43,8 +43,11 @@ class StepReductions:
         dims: Sequence[int | None] | None = None,
         thresholds: Sequence[float | None] | None = None,
         roles: Sequence[str | None] | None = None,
+        rectified_of: Sequence[int | None] | None = None,
     ) -> list[Reduction]:
-        """One fused engine call per device (parameters may live on several)."""
+        """One fused engine call per device (parameters may live on several);
+        ``rectified_of`` as :func:`~torchvitals.engine.op.fused_stats` takes it, by index
+        into ``tensors``."""
         dims = dims or [None] * len(tensors)
         thresholds = thresholds or [None] * len(tensors)
         roles = roles or [None] * len(tensors)
@@ -53,10 +56,14 @@ class StepReductions:
             by_device.setdefault(t.get_device(), []).append(i)
         out = []
         for idx in by_device.values():
+            local = {i: k for k, i in enumerate(idx)}
             moments, counts, hist = fused_stats(
                 [tensors[i] for i in idx],
                 feature_dim=[dims[i] for i in idx],
                 saturation=[thresholds[i] for i in idx],
+                rectified_of=None
+                if rectified_of is None
+                else [local.get(rectified_of[i]) for i in idx],
             )
             names_ = [names[i] for i in idx]
             out.append(Reduction(kind, names_, moments, counts, hist, [roles[i] for i in idx]))

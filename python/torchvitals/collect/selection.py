@@ -80,6 +80,9 @@ class HookSpec:
     # name); on a pre-activation, a sigmoid/tanh input or a softmax it means nothing.
     counts_dead: bool = False
     role: Role = "named"
+    # The output is max(input, 0), a new tensor (torch's ReLU, not in place): the CPU engine
+    # takes its statistics from the pass over the input when that is measured too.
+    rectifies: bool = False
 
     @property
     def has_units(self) -> bool:
@@ -150,7 +153,10 @@ def spec_for(name: str, module: nn.Module) -> HookSpec:
     if role in ("linear", "norm"):
         channel_first = isinstance(module, CHANNEL_FIRST)
         return HookSpec(name, kind, False, PREACTIVATION_SATURATION, channel_first, role=role)
-    return HookSpec(name, kind, False, None, None, counts_dead=True, role=role or "named")
+    rectifies = type(module) is nn.ReLU and not module.inplace  # a subclass may differ
+    return HookSpec(
+        name, kind, False, None, None, counts_dead=True, role=role or "named", rectifies=rectifies
+    )
 
 
 def has_activation_function(specs: Iterable[HookSpec]) -> bool:

@@ -29,12 +29,22 @@ DTYPE_CODES: dict[torch.dtype, int] = {getattr(torch, n): c for n, c in DTYPE_CO
 NO_FEATURE = -1
 
 # Descriptor rows are filled by column name, in the order the engine reads them.
-_DATA, _NUMEL, _DTYPE, _INNER, _UNITS, _FLAG_OFFSET, _CHUNK_BEGIN = (
+_DATA, _NUMEL, _DTYPE, _INNER, _UNITS, _FLAG_OFFSET, _CHUNK_BEGIN, _RECTIFIED_OF = (
     DESC_COLUMNS.index(name)
-    for name in ("data", "numel", "dtype", "inner", "units", "flag_offset", "chunk_begin")
+    for name in (
+        "data",
+        "numel",
+        "dtype",
+        "inner",
+        "units",
+        "flag_offset",
+        "chunk_begin",
+        "rectified_of",
+    )
 )
-_ROW = [0] * len(DESC_COLUMNS)  # a tensor without feature units
+_ROW = [0] * len(DESC_COLUMNS)  # a tensor without feature units, read by its own pass
 _ROW[_INNER] = 1
+_ROW[_RECTIFIED_OF] = -1
 
 
 def output_buffers(
@@ -75,11 +85,13 @@ def _readable(t: torch.Tensor) -> torch.Tensor:
     return t if _dense(t) else t.detach().contiguous()
 
 
-def _descriptors(tensors: list[torch.Tensor], dims: list[int]) -> tuple[list[int], int, int]:
+def _descriptors(
+    tensors: list[torch.Tensor], dims: list[int], rectified_of: list[int] | None
+) -> tuple[list[int], int, int]:
     """Flattened descriptor rows (``DESC_COLUMNS``), total chunks, total units."""
     rows: list[int] = []
     chunks = units_total = 0
-    for t, dim in zip(tensors, dims, strict=True):
+    for i, (t, dim) in enumerate(zip(tensors, dims, strict=True)):
         numel = t.numel()
         row = _ROW.copy()
         if dim != NO_FEATURE:
@@ -88,10 +100,28 @@ def _descriptors(tensors: list[torch.Tensor], dims: list[int]) -> tuple[list[int
             row[_UNITS], row[_INNER] = t.shape[dim], max(t.stride(dim), 1)
         row[_DATA], row[_NUMEL], row[_DTYPE] = t.data_ptr(), numel, DTYPE_CODES[t.dtype]
         row[_FLAG_OFFSET], row[_CHUNK_BEGIN] = units_total, chunks
+        if rectified_of is not None:
+            row[_RECTIFIED_OF] = rectified_of[i]
         rows += row
         chunks += -(-numel // CHUNK_ELEMS)
         units_total += row[_UNITS]
     return rows, chunks, units_total
+
+
+def rectifiable(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the engine can take the statistics of ``y``, which the caller knows to be
+    ``max(x, 0)``, from its pass over ``x``: the same dtype, shape and memory layout, both
+    read in place."""
+    return (
+        x is not y
+        and x.dtype == y.dtype
+        and x.device == y.device
+        and x.shape == y.shape
+        and x.stride() == y.stride()
+        and _dense(x)
+        and not x.is_neg()
+        and not y.is_neg()
+    )
 
 
 class _DeviceTables:
@@ -135,18 +165,26 @@ _device_tables = _DeviceTables()
 
 
 def run_engine(
-    tensors: list[torch.Tensor], feature_dims: list[int], saturation: list[float]
+    tensors: list[torch.Tensor],
+    feature_dims: list[int],
+    saturation: list[float],
+    rectified_of: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``moments, counts, hist`` of checked, non-empty ``tensors`` on one device
-    (``feature_dims``: a dim or ``NO_FEATURE``; ``saturation``: a threshold or NaN)."""
+    (``feature_dims``: a dim or ``NO_FEATURE``; ``saturation``: a threshold or NaN;
+    ``rectified_of``: per tensor -1, or the index of a tensor it is ``max(x, 0)`` of, checked
+    by :func:`rectifiable`: the CPU backend derives its row from that tensor's pass)."""
     # Dense tensors in any layout (channels-last, transposed) are read in place, in memory
     # order; only views with gaps or overlaps, and negated views, cost a copy.
     tensors = [_readable(t) for t in tensors]
     device = tensors[0].device
-    rows, num_chunks, num_units = _descriptors(tensors, feature_dims)
+    # The CUDA kernel runs at memory bandwidth and reads every tensor itself.
+    on_gpu = device.type == "cuda"
+    rows, num_chunks, num_units = _descriptors(
+        tensors, feature_dims, None if on_gpu else rectified_of
+    )
     count = len(tensors)
     # The CUDA kernel adds into zeroed counts; the CPU one writes every entry itself.
-    on_gpu = device.type == "cuda"
     flags = torch.zeros(2, num_units, dtype=torch.uint8, device=device)
     moments, counts, hist = output_buffers(count, device, torch.empty)
     if on_gpu:

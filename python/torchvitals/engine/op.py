@@ -15,7 +15,13 @@ import torch
 from torchvitals.engine import histogram
 from torchvitals.engine.arguments import per_tensor
 from torchvitals.engine.contract import COUNT_KEYS, MOMENT_KEYS
-from torchvitals.engine.dispatch import DTYPE_CODES, NO_FEATURE, output_buffers, run_engine
+from torchvitals.engine.dispatch import (
+    DTYPE_CODES,
+    NO_FEATURE,
+    output_buffers,
+    rectifiable,
+    run_engine,
+)
 
 #: The op's name carries the version of its output layout (2: two histogram rows per tensor).
 #: Inductor's FX graph cache keys compiled code on the graph, which names the op but not the
@@ -68,15 +74,50 @@ def _normalize_threshold(index: int, value: float | None) -> float:
     return value
 
 
+def _check_rectified_of(
+    rectified_of: Sequence[int | None], tensors: list[torch.Tensor], dims: list[int],
+    thresholds: list[float],
+) -> list[int]:  # fmt: skip
+    """``rectified_of`` as the engine's column (-1: none), once each entry is one it can use."""
+    if len(rectified_of) != len(tensors):
+        raise ValueError(f"rectified_of has {len(rectified_of)} entries for {len(tensors)} tensors")
+    for i, j in enumerate(rectified_of):
+        index = not isinstance(j, bool) and isinstance(j, int) and 0 <= j < len(tensors)
+        if j is not None and not index:
+            raise ValueError(f"rectified_of[{i}] must be None or a tensor index, got {j!r}")
+    column = [-1 if j is None else j for j in rectified_of]
+    for i, j in enumerate(column):
+        if j < 0:
+            continue
+        layout = f"is not tensors[{j}]'s dtype, shape and layout"
+        problems = (
+            (not rectifiable(tensors[j], tensors[i]), layout),
+            (thresholds[i] == thresholds[i], "has a saturation threshold"),
+            (dims[j] != NO_FEATURE, f"would take the units of tensors[{j}]"),
+            (column[j] >= 0, f"would come from tensors[{j}], itself derived"),
+            (column.count(j) > 1, f"shares tensors[{j}] with another derived tensor"),
+        )
+        for failed, problem in problems:
+            if failed:
+                raise ValueError(f"rectified_of[{i}]={j}: tensors[{i}] {problem}")
+    return column
+
+
 def fused_stats(
     tensors: torch.Tensor | Sequence[torch.Tensor],
     *,
     feature_dim: int | Sequence[int | None] | None = None,
     saturation: float | Sequence[float | None] | None = None,
+    rectified_of: Sequence[int | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The engine's raw outputs: ``moments [T, 3]`` (columns ``MOMENT_KEYS``, float64),
     ``counts [T, 8]`` (columns ``COUNT_KEYS``, int64) and ``hist [T, 2, B]`` (int64: every
-    element, then the negative ones, by log2 bin of ``|x|``)."""
+    element, then the negative ones, by log2 bin of ``|x|``).
+
+    ``rectified_of[i] = j`` is the caller's word that ``tensors[i]`` holds ``max(x, 0)`` of
+    ``x = tensors[j]`` (a ReLU's output and its input): the CPU backend then takes row
+    ``i`` from its pass over ``x``, bit for bit what reading ``tensors[i]`` would give, and
+    never reads it. The CUDA backend and compiled code read it as any other tensor."""
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     tensors = list(tensors)
@@ -95,6 +136,8 @@ def fused_stats(
         _normalize_feature_dim(i, t, d) for i, (t, d) in enumerate(zip(tensors, dims, strict=True))
     ]
     thresholds = [_normalize_threshold(i, v) for i, v in enumerate(thresholds)]
+    if rectified_of is not None:
+        rectified_of = _check_rectified_of(rectified_of, tensors, dims, thresholds)
     if not tensors:
         return output_buffers(0, torch.device("cpu"), torch.zeros)
     if torch.compiler.is_compiling():  # the traced op has no autograd formula
@@ -103,7 +146,7 @@ def fused_stats(
         )
     # Eager calls skip the dispatcher (about 0.1 ms a call) and need no detach: the engine
     # reads raw memory and its outputs are new tensors outside any graph.
-    return run_engine(tensors, dims, thresholds)
+    return run_engine(tensors, dims, thresholds, rectified_of)
 
 
 def tensor_stats(
@@ -128,7 +171,11 @@ def tensor_stats(
     return out
 
 
-_tensor_stats_op = torch.library.custom_op(f"torchvitals::{OP_NAME}", mutates_args=())(run_engine)
+@torch.library.custom_op(f"torchvitals::{OP_NAME}", mutates_args=())
+def _tensor_stats_op(
+    tensors: list[torch.Tensor], feature_dims: list[int], saturation: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return run_engine(tensors, feature_dims, saturation)
 
 
 @_tensor_stats_op.register_fake
