@@ -13,6 +13,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace torchvitals {
 namespace {
 
@@ -43,6 +47,21 @@ int64_t count_zero_flags(const uint8_t* flags, int64_t n) {
 // its threads, and a parallel region there would wait forever: children run serially.
 const pid_t g_loaded_by = getpid();
 
+// Whether this thread flushes subnormals to zero (torch.set_flush_denormal(True)): then
+// torch.relu turns positive subnormals into zeros, which a row derived from its input would
+// not, so every rectified row is read instead.
+bool flushes_subnormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return (_mm_getcsr() & 0x8040) != 0;  // FTZ (bit 15) or DAZ (bit 6)
+#elif defined(__aarch64__)
+  uint64_t fpcr;
+  asm volatile("mrs %0, fpcr" : "=r"(fpcr));
+  return (fpcr >> 24) & 1;  // FZ
+#else
+  return false;
+#endif
+}
+
 // A rectified row's histogram from its source's: max(x, 0) turns every negative element
 // (-Inf included) into a zero and keeps the rest (NaN stays NaN).
 void rectify_hist(const int64_t* source, int64_t* out) {
@@ -64,12 +83,14 @@ const char* cpu_isa() { return g_chunk_kernel.isa; }
 void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
   const int64_t T = buf.num_tensors;
   auto desc = [&](int64_t t) { return buf.desc + t * kDescCols; };
+  const bool derive = !flushes_subnormals();
+  auto source_of = [&](int64_t t) { return derive ? desc(t)[kDescRectifiedOf] : int64_t{-1}; };
   // The row each tensor's pass also fills with the statistics of max(x, 0), or -1.
   std::vector<int64_t> rectified_by(static_cast<size_t>(T), -1);
   bool any_rectified = false;
   for (int64_t t = 0; t < T; ++t) {
-    if (desc(t)[kDescRectifiedOf] < 0) continue;
-    rectified_by[desc(t)[kDescRectifiedOf]] = t;
+    if (source_of(t) < 0) continue;
+    rectified_by[source_of(t)] = t;
     any_rectified = true;
   }
   std::vector<Chunk> chunks;
@@ -77,7 +98,7 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
   std::vector<size_t> first_chunk(static_cast<size_t>(T) + 1);
   for (int64_t t = 0; t < T; ++t) {
     first_chunk[t] = chunks.size();
-    if (desc(t)[kDescRectifiedOf] >= 0) continue;  // never read: its source's pass fills it
+    if (source_of(t) >= 0) continue;  // never read: its source's pass fills it
     const int64_t n = desc(t)[kDescNumel];
     for (int64_t b = 0; b < n; b += kChunkElems)
       chunks.push_back({t, b, std::min(n, b + kChunkElems), rectified_by[t]});
@@ -110,7 +131,7 @@ void tensor_stats_cpu(const StatsBuffers& buf, int num_threads) {
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t t = 0; t < T; ++t) {
       const int64_t* d = desc(t);
-      const int64_t source = d[kDescRectifiedOf];
+      const int64_t source = source_of(t);
       if ((source >= 0) != (pass == 1)) continue;
       double* m = buf.moments + t * kMomentCols;
       int64_t* cnt = buf.counts + t * kCountCols;

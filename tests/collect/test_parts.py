@@ -4,6 +4,7 @@ parameter reading, scalars, the step record and the manifest."""
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -161,6 +162,48 @@ def test_relu_outputs_come_from_the_pass_over_their_input_and_equal_their_own():
         if name not in ("bn", "fc"):  # the derived rows too: bit for bit
             assert torch.equal(acts.moments[i], moments[0]), name
         assert torch.equal(acts.counts[i], counts[0]) and torch.equal(acts.hist[i], hist[0])
+
+
+def test_relu_chains_and_unmeasured_relu_inputs():
+    """A ReLU of a derived ReLU is read (0-d outputs have no units, so both could qualify),
+    and the input of a ReLU that follows no measured activation is not kept alive by the
+    stash until the forward's end (autograd keeps a ReLU's output, not its input)."""
+
+    class Sum(nn.Module):
+        def forward(self, x):
+            return x.sum()
+
+    inputs = []
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.total, self.r1, self.r2 = nn.Linear(4, 4), Sum(), nn.ReLU(), nn.ReLU()
+            self.r3 = nn.ReLU()
+
+        def forward(self, x):
+            h = self.fc(x) * 2  # the ReLU's input is no measured activation
+            inputs.append(weakref.ref(h))
+            y = self.r3(h).sum(1)
+            return y + self.r2(self.r1(self.total(self.fc(x))))
+
+    model = Net()
+    reductions, calls = StepReductions(), []
+    compute = reductions.compute
+    reductions.compute = lambda *a, **k: calls.append(a[-1]) or compute(*a, **k)
+    capture = ActivationCapture(
+        model, reductions, act_every=1, grad_every=1, warn_once=lambda *a: None
+    )
+    for module, spec in select_modules(model, include=["total"]):
+        module.register_forward_hook(capture.activation_hook(spec))
+    capture.begin_forward()
+    out = model(torch.randn(3, 4))
+    assert inputs[0]() is None  # freed while the forward ran on
+    capture.end_forward()
+    (acts,) = reductions.take()
+    assert acts.names == ["fc", "r3", "fc", "total", "r1", "r2"]
+    assert calls == [[None, None, None, None, 3, None]]
+    assert out.shape == (3,)
 
 
 def test_parameter_reader_reads_each_gradient_once_per_step_across_optimizers():

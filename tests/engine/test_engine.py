@@ -156,6 +156,22 @@ def test_rectified_rows_equal_a_pass_over_them(device, dtype):
     assert ((got[0][:, 1] - want[0][:, 1]).abs() <= 1e-12 * squares.to(device)).all()
 
 
+def test_rectified_rows_are_read_when_subnormals_are_flushed():
+    """With torch.set_flush_denormal(True), torch.relu turns positive subnormals into
+    zeros, which a row derived from its input would not: the engine reads it instead."""
+    x = torch.tensor([1e-40, -1e-40, 2.0, -3.0, 5e-39] * 100, dtype=torch.float32)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        y = torch.relu(x)
+        got = fused_stats([x, y], rectified_of=[None, 0])
+        want = fused_stats([x, y])
+    finally:
+        torch.set_flush_denormal(False)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g[1], w[1])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("count", [1, 2000])
 def test_tensor_lists(device, count):

@@ -110,11 +110,19 @@ class ActivationCapture:
                 # An in-place op later bumps the version. (Compiled graphs functionalize
                 # in-place ops; their versions mean nothing.)
                 version = None if compiling else x._version
-                source = first_tensor(args) if spec.rectifies and not compiling else None
-                self._stash.append((spec, x, version, source))
+                self._stash.append((spec, x, version, self._measured_input(spec, args)))
 
         on_forward.__name__ = "activation hook"
         return on_forward
+
+    def _measured_input(self, spec: HookSpec, args: Any) -> torch.Tensor | None:
+        """A ReLU's input when it is the activation stashed just before (Conv-BN-ReLU,
+        Linear-ReLU): the engine then derives the ReLU's statistics from that one's pass.
+        Any other input is not kept: it would stay alive until the forward's end."""
+        if not spec.rectifies or not self._stash or torch.compiler.is_compiling():
+            return None
+        previous = self._stash[-1][1]
+        return previous if first_tensor(args) is previous else None
 
     def gradient_hook(self, name: str) -> Callable:
         def on_backward(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
@@ -163,6 +171,7 @@ class ActivationCapture:
                 derivable = (
                     j is not None
                     and j not in rectified_of
+                    and rectified_of[j] is None
                     and dims[j] is None
                     and spec.saturation is None
                     and rectifiable(tensors[j], x)

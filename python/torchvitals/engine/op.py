@@ -117,7 +117,10 @@ def fused_stats(
     ``rectified_of[i] = j`` is the caller's word that ``tensors[i]`` holds ``max(x, 0)`` of
     ``x = tensors[j]`` (a ReLU's output and its input): the CPU backend then takes row
     ``i`` from its pass over ``x``, bit for bit what reading ``tensors[i]`` would give, and
-    never reads it. The CUDA backend and compiled code read it as any other tensor."""
+    never reads it; ``x``'s own sums are then summed run by run along ``tensors[i]``'s
+    units, which changes their last bits only. A thread that flushes subnormals to zero
+    (``torch.set_flush_denormal(True)``), the CUDA backend and compiled code read
+    ``tensors[i]`` as any other tensor."""
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     tensors = list(tensors)
