@@ -80,11 +80,18 @@ def ratio_quartiles(samples: list[float], baseline: list[float]) -> tuple[float,
 
 def environment(device: str) -> dict[str, object]:
     """What a result must carry to be comparable: device, driver, versions, commit."""
+    here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here
+        ).stdout.strip()
+        # Changes to tracked files not yet committed: the result is not that commit's.
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, cwd=here,
         ).stdout.strip()  # fmt: skip
+        if changed:
+            commit += "+uncommitted"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     env: dict[str, object] = {
